@@ -1,0 +1,25 @@
+// Python bindings: argument names and docstrings only, no logic.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/variant.h>
+
+#include "ops.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_ext, m) {
+  m.doc() = "C++ MLX primitives of mlx_moe_kernels (use the mlx_moe_kernels package).";
+
+  m.def(
+      "gather_mm",
+      &mlx_moe::gather_mm,
+      "a"_a,
+      "b"_a,
+      "lhs_indices"_a = nb::none(),
+      "rhs_indices"_a = nb::none(),
+      nb::kw_only(),
+      "sorted_indices"_a = false,
+      "stream"_a = nb::none(),
+      "Gather matmul with the semantics of mx.gather_mm (see mlx_moe_kernels.gather_mm).");
+}

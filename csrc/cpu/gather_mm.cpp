@@ -1,0 +1,242 @@
+// GatherMM::eval_cpu: reads the indices, checks their range, groups the
+// index pairs by b matrix (counting sort), splits the work into
+// (group, column block) tasks and runs them on the thread pool with the best
+// kernel build the CPU supports.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+
+#include "cpu/gather_mm_problem.h"
+#include "cpu/routing.h"
+#include "cpu/thread_pool.h"
+#include "primitives.h"
+
+namespace mlx_moe {
+
+namespace {
+
+using cpu::ElementType;
+
+// Element offset of the flat position `index` of an array's leading
+// `ndim` dimensions, given their shape and strides.
+int64_t batch_offset(
+    int64_t index,
+    const mx::Shape& shape,
+    const mx::Strides& strides,
+    int ndim) {
+  int64_t offset = 0;
+  for (int d = ndim - 1; d >= 0 && index > 0; --d) {
+    offset += (index % shape[d]) * strides[d];
+    index /= shape[d];
+  }
+  return offset;
+}
+
+// The index array's values in row-major order (it may be broadcast or
+// strided), each checked to lie in [0, bound).
+std::vector<uint32_t> read_indices(
+    const uint32_t* data,
+    const mx::Shape& shape,
+    const mx::Strides& strides,
+    int64_t count,
+    int64_t bound,
+    const char* name) {
+  std::vector<uint32_t> values(count);
+  const int ndim = static_cast<int>(shape.size());
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t v = data[batch_offset(i, shape, strides, ndim)];
+    if (v >= bound) {
+      std::ostringstream msg;
+      msg << "[gather_mm] " << name << " holds " << v
+          << " (or a negative value), outside [0, " << bound
+          << "): the number of matrices it indexes.";
+      throw std::out_of_range(msg.str());
+    }
+    values[i] = v;
+  }
+  return values;
+}
+
+using TaskKernel = void (*)(const cpu::GatherMMProblem&, const cpu::GatherMMTask&);
+
+// AVX2+FMA+F16C build when the CPU has it, else the portable build (NEON on
+// arm64). MLX_MOE_CPU_KERNELS=portable forces the portable build (tests run
+// both).
+TaskKernel select_kernel() {
+  const char* forced = std::getenv("MLX_MOE_CPU_KERNELS");
+  bool portable_only = forced && std::strcmp(forced, "portable") == 0;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (!portable_only && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    return &cpu::gather_mm_task_avx2;
+  }
+#endif
+  (void)portable_only;
+  return &cpu::gather_mm_task_portable;
+}
+
+// Aim for several tasks per thread so that ragged groups balance; never
+// split a group's columns finer than this (keeps weight rows streaming in
+// long runs and register tiles full). A multiple of the column tiles (1, 2,
+// 3, 4, 8, 16) so that only a matrix's last block has a ragged edge.
+constexpr int64_t kTasksPerThread = 8;
+constexpr int64_t kMinColumnsPerTask = 48;
+
+std::vector<cpu::GatherMMTask> make_tasks(
+    const cpu::GatherMMProblem& problem,
+    int num_threads) {
+  const int64_t target = kTasksPerThread * num_threads;
+  const int64_t max_blocks =
+      std::max<int64_t>(1, (problem.N + kMinColumnsPerTask - 1) / kMinColumnsPerTask);
+  const int64_t blocks = std::clamp<int64_t>(
+      (target + problem.num_groups - 1) / problem.num_groups, 1, max_blocks);
+  int64_t width = (problem.N + blocks - 1) / blocks;
+  width = (width + kMinColumnsPerTask - 1) / kMinColumnsPerTask * kMinColumnsPerTask;
+
+  // Largest groups first: the dynamic schedule then ends with small tasks.
+  std::vector<int64_t> order(problem.num_groups);
+  for (int64_t g = 0; g < problem.num_groups; ++g) {
+    order[g] = g;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return problem.group_rows(x) > problem.group_rows(y);
+  });
+  std::vector<cpu::GatherMMTask> tasks;
+  for (int64_t g : order) {
+    for (int64_t n = 0; n < problem.N; n += width) {
+      tasks.push_back({g, n, std::min(problem.N, n + width)});
+    }
+  }
+  return tasks;
+}
+
+ElementType element_type(mx::Dtype dtype) {
+  if (dtype == mx::float32) {
+    return ElementType::float32;
+  }
+  if (dtype == mx::float16) {
+    return ElementType::float16;
+  }
+  if (dtype == mx::bfloat16) {
+    return ElementType::bfloat16;
+  }
+  throw std::invalid_argument(
+      "[gather_mm] The CPU kernel supports float32, float16 and bfloat16.");
+}
+
+// Everything the CPU task needs from the arrays, captured by value.
+struct GatherMMArguments {
+  ElementType dtype;
+  const void* a;
+  mx::Shape a_shape;
+  mx::Strides a_strides;
+  const void* b;
+  mx::Shape b_shape;
+  mx::Strides b_strides;
+  const uint32_t* lhs;
+  mx::Shape lhs_shape;
+  mx::Strides lhs_strides;
+  const uint32_t* rhs;
+  mx::Shape rhs_shape;
+  mx::Strides rhs_strides;
+  int64_t num_pairs;
+  void* out;
+};
+
+void run_gather_mm(const GatherMMArguments& args) {
+  const int a_ndim = static_cast<int>(args.a_shape.size());
+  const int b_ndim = static_cast<int>(args.b_shape.size());
+  const int64_t M = args.a_shape[a_ndim - 2];
+  const int64_t K = args.a_shape[a_ndim - 1];
+  const int64_t N = args.b_shape[b_ndim - 1];
+  if (args.num_pairs == 0 || M == 0 || N == 0) {
+    return;
+  }
+  int64_t a_batch = 1;
+  for (int d = 0; d < a_ndim - 2; ++d) {
+    a_batch *= args.a_shape[d];
+  }
+  int64_t b_batch = 1;
+  for (int d = 0; d < b_ndim - 2; ++d) {
+    b_batch *= args.b_shape[d];
+  }
+
+  std::vector<uint32_t> lhs = read_indices(
+      args.lhs, args.lhs_shape, args.lhs_strides, args.num_pairs, a_batch, "lhs_indices");
+  std::vector<uint32_t> rhs = read_indices(
+      args.rhs, args.rhs_shape, args.rhs_strides, args.num_pairs, b_batch, "rhs_indices");
+  std::vector<int64_t> a_offsets(args.num_pairs);
+  std::vector<int64_t> b_offsets(args.num_pairs);
+  for (int64_t p = 0; p < args.num_pairs; ++p) {
+    a_offsets[p] = batch_offset(lhs[p], args.a_shape, args.a_strides, a_ndim - 2);
+    b_offsets[p] = batch_offset(rhs[p], args.b_shape, args.b_strides, b_ndim - 2);
+  }
+  cpu::ExpertGroups groups = cpu::group_by_expert(rhs.data(), args.num_pairs, b_batch);
+
+  cpu::GatherMMProblem problem;
+  problem.rows_per_pair = M;
+  problem.N = N;
+  problem.K = K;
+  problem.dtype = args.dtype;
+  problem.a = args.a;
+  problem.a_row_stride = args.a_strides[a_ndim - 2];
+  problem.a_col_stride = args.a_strides[a_ndim - 1];
+  problem.a_offsets = a_offsets.data();
+  problem.b = args.b;
+  problem.b_k_stride = args.b_strides[b_ndim - 2];
+  problem.b_n_stride = args.b_strides[b_ndim - 1];
+  problem.b_offsets = b_offsets.data();
+  problem.out = args.out;
+  problem.pair_order = groups.pair_order.data();
+  problem.group_begin = groups.group_begin.data();
+  problem.num_groups = groups.num_groups();
+
+  cpu::ThreadPool& pool = cpu::ThreadPool::instance();
+  std::vector<cpu::GatherMMTask> tasks = make_tasks(problem, pool.num_threads());
+  TaskKernel kernel = select_kernel();
+  pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
+    kernel(problem, tasks[i]);
+  });
+}
+
+} // namespace
+
+void GatherMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const mx::array& a = inputs[0];
+  const mx::array& b = inputs[1];
+  const mx::array& lhs = inputs[2];
+  const mx::array& rhs = inputs[3];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+
+  GatherMMArguments args{
+      element_type(out.dtype()),
+      a.data<void>(),
+      a.shape(),
+      a.strides(),
+      b.data<void>(),
+      b.shape(),
+      b.strides(),
+      lhs.data<uint32_t>(),
+      lhs.shape(),
+      lhs.strides(),
+      rhs.data<uint32_t>(),
+      rhs.shape(),
+      rhs.strides(),
+      static_cast<int64_t>(lhs.size()),
+      out.data<void>()};
+
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(a);
+  encoder.set_input_array(b);
+  encoder.set_input_array(lhs);
+  encoder.set_input_array(rhs);
+  encoder.set_output_array(out);
+  encoder.dispatch([args = std::move(args)]() { run_gather_mm(args); });
+}
+
+} // namespace mlx_moe

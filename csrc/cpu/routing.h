@@ -1,0 +1,57 @@
+// Grouping of (row, expert) pairs by expert with a counting sort: one pass to
+// count, a prefix sum, one pass to scatter. O(pairs + experts), stable (pairs
+// keep their order inside a group, so sorted input comes out unchanged), and
+// no comparison sort. Shared by every CPU kernel that dispatches to experts.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace mlx_moe::cpu {
+
+struct ExpertGroups {
+  // Pairs of group g: pair_order[group_begin[g] .. group_begin[g + 1]).
+  std::vector<uint32_t> pair_order;
+  std::vector<int64_t> group_begin;
+  // The expert (matrix index) of each group. Only experts with at least one
+  // pair get a group.
+  std::vector<uint32_t> group_expert;
+
+  int64_t num_groups() const {
+    return static_cast<int64_t>(group_expert.size());
+  }
+};
+
+// expert_of_pair[p] must be < num_experts for every p (checked by the
+// caller, which knows the argument's name for the error message).
+inline ExpertGroups group_by_expert(
+    const uint32_t* expert_of_pair,
+    int64_t num_pairs,
+    int64_t num_experts) {
+  std::vector<int64_t> start(num_experts + 1, 0);
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    ++start[expert_of_pair[p] + 1];
+  }
+  ExpertGroups groups;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (start[e + 1] > 0) {
+      groups.group_expert.push_back(static_cast<uint32_t>(e));
+    }
+    start[e + 1] += start[e];
+  }
+  groups.pair_order.resize(num_pairs);
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    groups.pair_order[next[expert_of_pair[p]]++] = static_cast<uint32_t>(p);
+  }
+  groups.group_begin.reserve(groups.group_expert.size() + 1);
+  for (uint32_t e : groups.group_expert) {
+    groups.group_begin.push_back(start[e]);
+  }
+  groups.group_begin.push_back(num_pairs);
+  return groups;
+}
+
+} // namespace mlx_moe::cpu
