@@ -14,25 +14,46 @@ bool has_kernels_for(const mx::Stream& stream) {
 
 namespace {
 
-// When an index array already holds values (not a lazy graph node), check
-// its range on the host now so the error points at the call; otherwise the
-// kernel checks it when it runs.
-void check_evaluated_indices(const mx::array& indices, int64_t bound, const char* name) {
-  if (!indices.is_available() || indices.size() == 0) {
-    return;
-  }
-  mx::array as_int64 = mx::astype(indices, mx::int64, mx::Device::cpu);
-  as_int64.eval();
-  const int64_t* values = as_int64.data<int64_t>();
-  // astype yields a row-contiguous array (or a broadcast with zero strides,
-  // whose distinct values are all in its first `data_size` elements).
-  for (size_t i = 0; i < as_int64.data_size(); ++i) {
-    if (values[i] < 0 || values[i] >= bound) {
+template <typename T>
+void check_index_values(const mx::array& indices, int64_t bound, const char* name) {
+  const T* data = indices.data<T>();
+  const auto& shape = indices.shape();
+  const auto& strides = indices.strides();
+  const int ndim = indices.ndim();
+  for (size_t i = 0; i < indices.size(); ++i) {
+    int64_t offset = 0;
+    int64_t rest = static_cast<int64_t>(i);
+    for (int d = ndim - 1; d >= 0 && rest > 0; --d) {
+      offset += (rest % shape[d]) * strides[d];
+      rest /= shape[d];
+    }
+    const int64_t value = static_cast<int64_t>(data[offset]);
+    if (value < 0 || value >= bound) {
       std::ostringstream msg;
-      msg << "[gather_mm] " << name << " holds " << values[i] << ", outside [0, " << bound
+      msg << "[gather_mm] " << name << " holds " << value << ", outside [0, " << bound
           << "): the number of matrices it indexes.";
       throw std::out_of_range(msg.str());
     }
+  }
+}
+
+// When an index array already holds values (not a lazy graph node), check
+// its range on the host now, so the error points at the call. Lazy indices
+// are checked by the kernel when it runs.
+void check_evaluated_indices(const mx::array& indices, int64_t bound, const char* name) {
+  if (indices.size() == 0 || !indices.is_available()) {
+    return;
+  }
+  switch (indices.dtype()) {
+    case mx::uint8: return check_index_values<uint8_t>(indices, bound, name);
+    case mx::uint16: return check_index_values<uint16_t>(indices, bound, name);
+    case mx::uint32: return check_index_values<uint32_t>(indices, bound, name);
+    case mx::uint64: return check_index_values<uint64_t>(indices, bound, name);
+    case mx::int8: return check_index_values<int8_t>(indices, bound, name);
+    case mx::int16: return check_index_values<int16_t>(indices, bound, name);
+    case mx::int32: return check_index_values<int32_t>(indices, bound, name);
+    case mx::int64: return check_index_values<int64_t>(indices, bound, name);
+    default: return;
   }
 }
 

@@ -64,19 +64,37 @@ std::vector<uint32_t> read_indices(
 
 using TaskKernel = void (*)(const cpu::GatherMMProblem&, const cpu::GatherMMTask&);
 
-// AVX2+FMA+F16C build when the CPU has it, else the portable build (NEON on
-// arm64). MLX_MOE_CPU_KERNELS=portable forces the portable build (tests run
-// both).
+// The best kernel build the CPU supports: AVX-512 BF16, AVX2+FMA+F16C, or
+// the portable build (NEON on arm64). MLX_MOE_CPU_KERNELS=portable|avx2|
+// avx512 caps the choice (tests run every build the machine has).
 TaskKernel select_kernel() {
-  const char* forced = std::getenv("MLX_MOE_CPU_KERNELS");
-  bool portable_only = forced && std::strcmp(forced, "portable") == 0;
+  const char* cap = std::getenv("MLX_MOE_CPU_KERNELS");
+  auto allowed = [&](const char* name) {
+    if (!cap || !*cap) {
+      return true;
+    }
+    // Order of capability: portable < avx2 < avx512.
+    const char* order[] = {"portable", "avx2", "avx512"};
+    int cap_rank = 2, rank = 0;
+    for (int i = 0; i < 3; ++i) {
+      if (std::strcmp(cap, order[i]) == 0) cap_rank = i;
+      if (std::strcmp(name, order[i]) == 0) rank = i;
+    }
+    return rank <= cap_rank;
+  };
+  (void)allowed;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (!portable_only && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c");
+  if (avx2 && allowed("avx512") && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bf16")) {
+    return &cpu::gather_mm_task_avx512;
+  }
+  if (avx2 && allowed("avx2")) {
     return &cpu::gather_mm_task_avx2;
   }
 #endif
-  (void)portable_only;
   return &cpu::gather_mm_task_portable;
 }
 

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/gather_mm_problem.h"
@@ -339,6 +340,18 @@ void run_outer(const GatherMMProblem& p, const GatherMMTask& task, TaskScratch& 
 }
 
 // ------------------------------------------------------------------ one task
+// Rounds the float32 accumulators to the output rows.
+template <typename T>
+void store_rows(const TaskScratch& s, int64_t num_rows, int64_t columns) {
+  for (int64_t r = 0; r < num_rows; ++r) {
+    T* o = static_cast<T*>(s.out_rows[r]);
+    const float* a = s.accumulators.data() + r * columns;
+    for (int64_t j = 0; j < columns; ++j) {
+      o[j] = from_float<T>(a[j]);
+    }
+  }
+}
+
 template <typename T>
 void run_task_typed(const GatherMMProblem& p, const GatherMMTask& task) {
   TaskScratch& s = scratch();
@@ -362,19 +375,29 @@ void run_task_typed(const GatherMMProblem& p, const GatherMMTask& task) {
   }
   s.accumulators.assign(num_rows * columns, 0.0f);
   if (p.K > 0) {
+#if defined(MLX_MOE_DOT_BF16)
+    // Both operands bfloat16 with contiguous K: the AVX512-BF16 kernel
+    // (dot_bf16_avx512.h) reads them in place.
+    if constexpr (std::is_same_v<T, BFloat16Bits>) {
+      if (p.b_k_stride == 1 && p.a_col_stride == 1) {
+        const T* w = static_cast<const T*>(p.b) + p.b_offsets[p.pair_order[begin]] +
+            task.n_begin * p.b_n_stride;
+        dot_bf16(
+            reinterpret_cast<const uint16_t*>(w), p.b_n_stride, columns,
+            reinterpret_cast<const uint16_t* const*>(s.a_rows.data()), num_rows, p.K,
+            s.accumulators.data());
+        store_rows<T>(s, num_rows, columns);
+        return;
+      }
+    }
+#endif
     if (p.b_k_stride == 1) {
       run_dot<T>(p, task, s);
     } else {
       run_outer<T>(p, task, s);
     }
   }
-  for (int64_t r = 0; r < num_rows; ++r) {
-    T* o = static_cast<T*>(s.out_rows[r]);
-    const float* a = s.accumulators.data() + r * columns;
-    for (int64_t j = 0; j < columns; ++j) {
-      o[j] = from_float<T>(a[j]);
-    }
-  }
+  store_rows<T>(s, num_rows, columns);
 }
 
 inline void run_task(const GatherMMProblem& p, const GatherMMTask& task) {

@@ -1,12 +1,28 @@
 #include "cpu/thread_pool.h"
 
-#include <atomic>
+#include <chrono>
 #include <cstdlib>
-#include <string>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 namespace mlx_moe::cpu {
 
 namespace {
+
+// How long an idle worker keeps polling for the next job before it sleeps:
+// longer than the gap between two MoE layers' calls while decoding, short
+// enough not to steal a core from other work for long.
+constexpr auto kSpinBeforeSleep = std::chrono::microseconds(300);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
 
 int threads_from_environment() {
   if (const char* value = std::getenv("MLX_MOE_NUM_THREADS")) {
@@ -22,8 +38,10 @@ int threads_from_environment() {
 } // namespace
 
 ThreadPool& ThreadPool::instance() {
-  static ThreadPool pool(threads_from_environment());
-  return pool;
+  // Never destroyed: worker threads must not be joined during static
+  // destruction at interpreter exit.
+  static ThreadPool* pool = new ThreadPool(threads_from_environment());
+  return *pool;
 }
 
 ThreadPool::ThreadPool(int num_threads) {
@@ -34,8 +52,8 @@ ThreadPool::ThreadPool(int num_threads) {
 
 ThreadPool::~ThreadPool() {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stopping_ = true;
+    std::lock_guard<std::mutex> lock(sleep_mutex_);
+    stopping_.store(true);
   }
   wake_.notify_all();
   for (auto& w : workers_) {
@@ -52,7 +70,7 @@ void ThreadPool::run_share(int thread_index) {
     try {
       (*task_)(i, thread_index);
     } catch (...) {
-      std::lock_guard<std::mutex> lock(mutex_);
+      std::lock_guard<std::mutex> lock(error_mutex_);
       if (!error_) {
         error_ = std::current_exception();
       }
@@ -65,26 +83,30 @@ void ThreadPool::run_share(int thread_index) {
 void ThreadPool::worker_loop(int thread_index) {
   uint64_t seen = 0;
   while (true) {
-    {
-      std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
-      if (stopping_) {
-        return;
+    // Poll for a while, then sleep until the generation changes.
+    auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleep;
+    while (generation_.load(std::memory_order_acquire) == seen && !stopping_.load() &&
+           std::chrono::steady_clock::now() < spin_until) {
+      for (int i = 0; i < 64; ++i) {
+        cpu_relax();
       }
-      seen = generation_;
     }
+    if (generation_.load(std::memory_order_acquire) == seen) {
+      std::unique_lock<std::mutex> lock(sleep_mutex_);
+      wake_.wait(lock, [&] {
+        return stopping_.load() || generation_.load(std::memory_order_acquire) != seen;
+      });
+    }
+    if (stopping_.load()) {
+      return;
+    }
+    seen = generation_.load(std::memory_order_acquire);
     run_share(thread_index);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      --busy_workers_;
-    }
-    done_.notify_one();
+    busy_workers_.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 
-void ThreadPool::parallel_for(
-    int64_t num_tasks,
-    const std::function<void(int64_t, int)>& task) {
+void ThreadPool::parallel_for(int64_t num_tasks, const std::function<void(int64_t, int)>& task) {
   if (num_tasks <= 0) {
     return;
   }
@@ -95,26 +117,25 @@ void ThreadPool::parallel_for(
     return;
   }
   std::lock_guard<std::mutex> call_lock(call_mutex_);
+  task_ = &task;
+  num_tasks_ = num_tasks;
+  error_ = nullptr;
+  next_task_.store(0, std::memory_order_relaxed);
+  busy_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    task_ = &task;
-    num_tasks_ = num_tasks;
-    next_task_.store(0, std::memory_order_relaxed);
-    error_ = nullptr;
-    busy_workers_ = static_cast<int>(workers_.size());
-    ++generation_;
+    // Under the mutex so that a worker between its check and its wait
+    // cannot miss the notification.
+    std::lock_guard<std::mutex> lock(sleep_mutex_);
+    generation_.fetch_add(1, std::memory_order_release);
   }
   wake_.notify_all();
   run_share(0);
-  std::exception_ptr error;
-  {
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return busy_workers_ == 0; });
-    error = error_;
-    task_ = nullptr;
+  while (busy_workers_.load(std::memory_order_acquire) != 0) {
+    cpu_relax();
   }
-  if (error) {
-    std::rethrow_exception(error);
+  task_ = nullptr;
+  if (error_) {
+    std::rethrow_exception(error_);
   }
 }
 

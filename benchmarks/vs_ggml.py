@@ -1,0 +1,151 @@
+"""Side-by-side benchmark of one MoE projection: ours vs llama.cpp's ggml vs
+stock MLX, cache-cold, interleaved in one run.
+
+The projection is Qwen3-30B-A3B's up projection as mlx-lm's SwitchLinear
+calls it: x [T*k, 1, D], b = w.swapaxes(-1, -2) with w [E, H, D], sorted
+expert indices of top-k routing of T tokens. The peer is
+``../shared/peers/ggml_moe`` (``moe_layer up TYPE D H E k THREADS T``):
+ggml's MUL_MAT_ID, which llama.cpp uses for the same projection.
+
+Cache-cold as in DESIGN.md: at T=1 each call uses a set of k experts that
+the previous calls did not touch (disjoint sets over a permutation of the
+experts); for larger T the routing is re-drawn every call. The weights of
+all E experts (hundreds of MB) exceed the 32 MB L3.
+
+Interleaving: rounds of (ours, ggml, stock) per T; the reported figure for
+each is the median over rounds of each round's median.
+
+usage: python benchmarks/vs_ggml.py [--dtype float32] [--tokens 1,64,1024]
+       [--rounds 3] [--ggml PATH] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+import mlx_moe_kernels as mk
+
+GGML_TYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def ggml_binary(path: str | None) -> str:
+    """Path of the ggml moe_layer binary, building it with the shared script."""
+    if path:
+        return path
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(here, "..", "..", "shared", "peers", "ggml_moe", "build.sh")
+    out = subprocess.run(["bash", script], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def routings(rng, tokens: int, experts: int, top_k: int, count: int, start: int):
+    """`count` routings (sorted uint32 index arrays), cache-cold in sequence."""
+    result = []
+    if tokens == 1:
+        perm = rng.permutation(experts)
+        sets = experts // top_k
+        for i in range(count):
+            j = (start + i) % sets
+            result.append(np.sort(perm[j * top_k : (j + 1) * top_k]))
+    else:
+        for _ in range(count):
+            choice = np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k]
+            result.append(np.sort(choice.reshape(-1)))
+    return [mx.array(r.astype(np.uint32)) for r in result]
+
+
+def time_calls(fn, x, b, index_list, warmup: int = 3) -> float:
+    """Median ms of fn over the index arrays after `warmup` untimed calls
+    (each call evaluated alone)."""
+    for idx in index_list[:warmup]:
+        mx.eval(fn(x, b, rhs_indices=idx, sorted_indices=True))
+    times = []
+    for idx in index_list[warmup:]:
+        t0 = time.perf_counter()
+        mx.eval(fn(x, b, rhs_indices=idx, sorted_indices=True))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="float32", choices=sorted(GGML_TYPE))
+    parser.add_argument("--tokens", default="1,64,1024")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--ggml", default=None)
+    parser.add_argument("--no-stock", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("-D", type=int, default=2048)
+    parser.add_argument("-H", type=int, default=768)
+    parser.add_argument("-E", type=int, default=128)
+    parser.add_argument("-k", type=int, default=8)
+    args = parser.parse_args()
+    D, H, E, k = args.D, args.H, args.E, args.k
+    dtype = getattr(mx, args.dtype)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    binary = ggml_binary(args.ggml)
+
+    rng = np.random.default_rng(0)
+    w = (mx.random.normal((E, H, D)) / D**0.5).astype(dtype)
+    b = w.swapaxes(-1, -2)
+    mx.eval(w)
+    elem = w.itemsize
+    rows = []
+    for T in tokens:
+        x = mx.random.normal((T * k, 1, D)).astype(dtype)
+        mx.eval(x)
+        calls = 15 if T <= 64 else 5
+        # Correctness first (one routing, vs the reference).
+        idx = routings(rng, T, E, k, 1, 0)[0]
+        ours = mk.gather_mm(x, b, rhs_indices=idx, sorted_indices=True)
+        ref = mk.reference.gather_mm(x, b, rhs_indices=idx)
+        err = mx.abs(ours.astype(mx.float32) - ref.astype(mx.float32)).max().item()
+        scale = mx.abs(ref.astype(mx.float32)).max().item()
+        ours_ms, ggml_ms, stock_ms = [], [], []
+        for r in range(args.rounds):
+            index_list = routings(rng, T, E, k, 3 + calls, r * (3 + calls))
+            mx.eval(index_list)
+            # 3 warm-up calls, as ggml's harness makes.
+            ours_ms.append(time_calls(mk.gather_mm, x, b, index_list))
+            out = subprocess.run(
+                [binary, "up", GGML_TYPE[args.dtype], str(D), str(H), str(E), str(k),
+                 str(args.threads), str(T)],
+                check=True, capture_output=True, text=True)
+            ggml_ms.append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
+            if not args.no_stock and dtype == mx.float32:
+                # Stock is slow at large T: fewer calls there.
+                stock_calls = index_list if T <= 64 else index_list[:3]
+                stock_ms.append(time_calls(mx.gather_mm, x, b, stock_calls, warmup=1))
+        ours_t = statistics.median(ours_ms)
+        ggml_t = statistics.median(ggml_ms)
+        stock_t = statistics.median(stock_ms) if stock_ms else float("nan")
+        touched = len(np.unique(np.array(idx)))
+        gbs = touched * H * D * elem / (ours_t / 1e3) / 1e9
+        gflops = 2 * T * k * D * H / (ours_t / 1e3) / 1e9
+        row = dict(dtype=args.dtype, T=T, ours_ms=ours_t, ggml_ms=ggml_t, stock_ms=stock_t,
+                   vs_ggml=ggml_t / ours_t, vs_stock=stock_t / ours_t, GBps=gbs,
+                   GFLOPs=gflops, rel_err=err / scale, ours_rounds=ours_ms, ggml_rounds=ggml_ms)
+        rows.append(row)
+        print(f"{args.dtype:9s} T={T:5d} ours {ours_t:9.3f} ms  ggml {ggml_t:9.3f} ms  "
+              f"stock {stock_t:9.3f} ms  x{ggml_t / ours_t:5.2f} vs ggml  "
+              f"x{stock_t / ours_t:6.2f} vs stock  {gbs:6.1f} GB/s  {gflops:6.1f} GFLOP/s  "
+              f"err {err / scale:.1e}  rounds ours {['%.2f' % v for v in ours_ms]} "
+              f"ggml {['%.2f' % v for v in ggml_ms]}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1069 @@
+"""The benchmark harness behind ``mlx-moe bench``.
+
+It times our kernels side by side with MLX's stock ops and with the plain-MLX
+reference (:mod:`mlx_moe_kernels.reference`) on the expert shapes of real
+Mixture-of-Experts models, called the way mlx-lm calls them, and cache-cold
+(DESIGN.md, "Benchmark method"): the expert weights of a layer pass through
+the cache between two uses in a real model, so every timed call here reads
+weights that the previous call did not.
+
+A *mode* is one benchmarked operation: a function
+``(CellSpec, CellResources) -> Workload`` registered in :data:`MODES`. It
+prepares the inputs of one (model, dtype, tokens) cell and returns the three
+implementations as callables ``call_index -> mx.array`` (the call index picks
+the prepared routing, which is how calls stay cache-cold), the reference
+result of call 0, and the bytes and FLOPs of one call. Everything else is
+shared: the agreement check, warm-up, interleaved timing, the table, JSON and
+plot. Adding a mode is adding one such function.
+
+How one cell is measured:
+
+1. Agreement: call 0 of ours and of stock are compared with the reference
+   result of the same inputs (max abs error over the reference's max
+   magnitude). A stock op that raises is reported as not available ("n/a").
+2. Warm-up: up to :data:`WARMUP_CALLS` calls per implementation (the check
+   call counts), fewer when they are slow.
+3. Timing: the implementations take turns (ours, stock, reference, ours,
+   ...), each call on the next prepared routing; each call is timed with
+   ``time.perf_counter`` around building the op and ``mx.eval`` of its result
+   (plus a stream synchronize). Repeats adapt to a time budget per cell
+   unless a fixed count is asked for; medians are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+import mlx_moe_kernels
+from mlx_moe_kernels import reference
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The expert shapes of one MoE model (one layer; all layers are alike).
+
+    Attributes:
+        name: The name shown in tables and accepted by ``--model``.
+        hidden_size: D, the model width (input of the up projection).
+        expert_hidden_size: H, each expert's intermediate size
+            (``moe_intermediate_size`` in the model configs).
+        num_experts: E, routed experts per layer.
+        experts_per_token: k, experts each token is routed to.
+    """
+
+    name: str
+    hidden_size: int
+    expert_hidden_size: int
+    num_experts: int
+    experts_per_token: int
+
+
+MODEL_SHAPES: Dict[str, ModelShape] = {
+    shape.name: shape
+    for shape in (
+        ModelShape("qwen1.5-moe-a2.7b", 2048, 1408, 60, 4),
+        ModelShape("qwen2-57b-a14b", 3584, 2560, 64, 8),
+        ModelShape("qwen3-30b-a3b", 2048, 768, 128, 8),
+        ModelShape("qwen3-235b-a22b", 4096, 1536, 128, 8),
+    )
+}
+"""Built-in models by name: (D, H, E, k) from their Hugging Face configs."""
+
+MODEL_ALIASES: Dict[str, str] = {
+    # Qwen3-VL-30B-A3B's text model has Qwen3-30B-A3B's MoE layers.
+    "qwen3-vl-30b-a3b": "qwen3-30b-a3b",
+}
+"""Other names accepted for a built-in model's shapes."""
+
+
+def resolve_model(name: str) -> ModelShape:
+    """The shapes of a built-in model, by name or alias (case-insensitive).
+
+    An alias keeps its own name, so tables show what was asked for.
+
+    Raises:
+        ValueError: For an unknown name; the message lists the known ones.
+    """
+    key = name.strip().lower()
+    canonical = MODEL_ALIASES.get(key, key)
+    if canonical not in MODEL_SHAPES:
+        known = ", ".join(sorted(MODEL_SHAPES) + sorted(MODEL_ALIASES))
+        raise ValueError(f"unknown model {name!r}; known: {known}, or 'all'")
+    shape = MODEL_SHAPES[canonical]
+    return shape if key == canonical else ModelShape(key, *_dims(shape))
+
+
+def _dims(shape: ModelShape) -> tuple:
+    return (
+        shape.hidden_size,
+        shape.expert_hidden_size,
+        shape.num_experts,
+        shape.experts_per_token,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Defaults and named limits
+# ---------------------------------------------------------------------------
+
+DTYPES: Dict[str, mx.Dtype] = {
+    "float32": mx.float32,
+    "bfloat16": mx.bfloat16,
+    "float16": mx.float16,
+}
+"""Dtypes the benchmark accepts, by name."""
+
+TOLERANCES: Dict[str, float] = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 3e-2}
+"""Largest accepted error relative to the reference's max magnitude. Half
+types round each output once (a few 2**-8 at worst); float32 differs from
+the reference only in summation order."""
+
+DEFAULTS_BY_DEVICE = {
+    # A 2-core CPU must finish the default run in a few minutes.
+    "cpu": {
+        "models": ("qwen3-30b-a3b",),
+        "tokens": (1, 8, 64, 256),
+        "dtypes": ("float32", "bfloat16"),
+    },
+    "gpu": {
+        "models": tuple(MODEL_SHAPES),
+        "tokens": (1, 16, 256, 4096),
+        "dtypes": ("float32", "bfloat16"),
+    },
+}
+"""Default models, token counts and dtypes for each device type."""
+
+CELL_TIME_BUDGET_S = 1.5
+"""Seconds of timed calls per cell, split evenly between the implementations
+being timed; an implementation stops once its share is spent. A single call
+longer than its share is still run once."""
+
+MAX_REPEATS = 100
+"""Most timed calls per implementation and cell (fast cells stop here)."""
+
+REFERENCE_MAX_REPEATS = 3
+"""Most timed calls of the reference per cell, also under ``repeats``: it is
+the slow oracle (it copies one expert's weights per row), its time is for
+scale only."""
+
+WARMUP_CALLS = 3
+"""Untimed calls per implementation before timing (the agreement check's
+call counts as the first)..."""
+
+WARMUP_BUDGET_S = 0.3
+"""...stopping early once an implementation has spent this long warming up:
+one slow call is warm-up enough."""
+
+REFERENCE_MAX_GATHERED_BYTES = 4 * 2**30
+"""The reference is not timed on cells where it would gather more float32
+expert weights than this (one copy per row): such a call takes tens of
+seconds on a 2-core CPU, and from 2**31 elements (8 GiB) MLX 0.32.4's CPU
+matmul crashes (seen: Qwen3-30B-A3B at T=256, a segfault in BLAS). The
+agreement check does not need it (see :func:`grouped_reference_gather_mm`)."""
+
+COLD_WORKING_SET_BYTES = 256 * 2**20
+"""Expert weights that the calls cycle through are at least this large (more
+weight copies are allocated for small models): far above the 32 MB L3 of the
+CPU machines and the 50 MB L2 of an H100, so no call finds its weights in a
+cache."""
+
+ROUTINGS_PER_CELL = 8
+"""Routings drawn in advance for a cell with T > 1; the calls cycle through
+them. (T = 1 uses every disjoint expert set of a random permutation.)"""
+
+IMPLEMENTATIONS = ("ours", "stock", "reference")
+"""The implementations of every mode, in the order they take turns."""
+
+
+def default_device_type() -> str:
+    """``"gpu"`` or ``"cpu"``: the type of MLX's default device."""
+    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+
+
+# ---------------------------------------------------------------------------
+# What a mode builds
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One cell of the benchmark grid: a model's shapes, a dtype, a token count."""
+
+    model: ModelShape
+    dtype_name: str
+    tokens: int
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The MLX dtype named by :attr:`dtype_name`."""
+        return DTYPES[self.dtype_name]
+
+
+class WeightCache:
+    """Expert weights shared by the cells of one (model, dtype).
+
+    Building a model's weights takes seconds, so the cells that differ only
+    in their token count reuse them; :meth:`clear` drops them when the
+    harness moves to the next model or dtype.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: Dict[str, List[mx.array]] = {}
+
+    def get(self, name: str, build: Callable[[], List[mx.array]]) -> List[mx.array]:
+        """The arrays stored under ``name``, built (and evaluated) on first use."""
+        if name not in self._arrays:
+            arrays = build()
+            mx.eval(arrays)
+            self._arrays[name] = arrays
+        return self._arrays[name]
+
+    def clear(self) -> None:
+        """Drop every stored array and return MLX's cached buffers."""
+        self._arrays.clear()
+        mx.clear_cache()
+
+
+@dataclass
+class CellResources:
+    """What the harness lends a mode to build a cell.
+
+    Attributes:
+        rng: NumPy generator for routings (seeded: runs are reproducible).
+        weights: Weights shared across the token counts of one model/dtype.
+        seed: The run's seed, for MLX's random keys.
+    """
+
+    rng: np.random.Generator
+    weights: WeightCache
+    seed: int
+
+
+@dataclass
+class Workload:
+    """One cell, ready to time: what a mode function returns.
+
+    The three implementations take a call index and return the (lazy)
+    result of that call; each index selects prepared inputs so that
+    consecutive calls touch different expert weights.
+
+    Attributes:
+        rows: Rows of the benchmarked matmuls (T * k).
+        ours: Our implementation.
+        stock: MLX's stock implementation (may raise for unsupported dtypes;
+            the harness then reports it as not available).
+        reference: The plain-MLX reference, or ``None`` when it is too large
+            to run (then ``reference_skip_reason`` says why).
+        expected: The reference's result for call 0, computed in a way that
+            stays cheap for any size; the agreement check compares call 0
+            of ours and stock against it.
+        weight_bytes_per_call: Mean bytes of the distinct expert weights one
+            call reads.
+        flops_per_call: Floating-point operations of one call.
+        reference_skip_reason: Why ``reference`` is ``None``.
+    """
+
+    rows: int
+    ours: Callable[[int], mx.array]
+    stock: Callable[[int], mx.array]
+    reference: Optional[Callable[[int], mx.array]]
+    expected: Callable[[], mx.array]
+    weight_bytes_per_call: float
+    flops_per_call: float
+    reference_skip_reason: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------
+# Routing and weights (shared by modes)
+# ---------------------------------------------------------------------------
+
+
+def draw_sorted_routing(
+    rng: np.random.Generator, tokens: int, num_experts: int, experts_per_token: int
+) -> np.ndarray:
+    """Top-k routing of ``tokens`` tokens, flattened and sorted, as uint32.
+
+    Each token gets ``experts_per_token`` distinct experts drawn uniformly;
+    the ``tokens * experts_per_token`` expert indices are flattened and
+    sorted, as mlx-lm's SwitchGLU sorts them before ``gather_mm``.
+    """
+    scores = rng.random((tokens, num_experts))
+    chosen = np.argpartition(scores, experts_per_token - 1, axis=1)[:, :experts_per_token]
+    return np.sort(chosen.reshape(-1)).astype(np.uint32)
+
+
+def cache_cold_routings(
+    rng: np.random.Generator, tokens: int, num_experts: int, experts_per_token: int
+) -> List[np.ndarray]:
+    """Routings for consecutive calls of one cell, sorted, as uint32.
+
+    For one token: the disjoint sets of ``experts_per_token`` experts of a
+    random permutation (``num_experts // experts_per_token`` of them), so
+    cycling through them reads every expert once before any is read again.
+    For more tokens: :data:`ROUTINGS_PER_CELL` independent draws (large
+    batches touch most experts anyway; the weights exceed the caches).
+    """
+    if tokens == 1:
+        permutation = rng.permutation(num_experts)
+        sets = num_experts // experts_per_token
+        groups = permutation[: sets * experts_per_token].reshape(sets, experts_per_token)
+        return [np.sort(group).astype(np.uint32) for group in groups]
+    return [
+        draw_sorted_routing(rng, tokens, num_experts, experts_per_token)
+        for _ in range(ROUTINGS_PER_CELL)
+    ]
+
+
+def weight_copies_for_cold_cache(bytes_per_copy: int) -> int:
+    """How many copies of a weight tensor make a working set of at least
+    :data:`COLD_WORKING_SET_BYTES` (1 for every built-in model)."""
+    return max(1, math.ceil(COLD_WORKING_SET_BYTES / bytes_per_copy))
+
+
+def random_expert_weights(
+    num_experts: int, rows: int, cols: int, dtype: mx.Dtype, copies: int, seed: int
+) -> List[mx.array]:
+    """``copies`` random ``[num_experts, rows, cols]`` weight tensors.
+
+    Uniform with the variance of a ``1/sqrt(cols)``-scaled normal (uniform is
+    several times faster to draw), so products with unit-variance inputs
+    stay near unit magnitude.
+    """
+    bound = math.sqrt(3.0 / cols)
+    return [
+        mx.random.uniform(
+            -bound, bound, (num_experts, rows, cols), dtype=dtype,
+            key=mx.random.key(seed * 1000 + copy),
+        )
+        for copy in range(copies)
+    ]
+
+
+def grouped_reference_gather_mm(
+    x: mx.array, b: mx.array, sorted_rhs_indices: np.ndarray
+) -> mx.array:
+    """The reference ``gather_mm(x, b, rhs_indices=...)``, one matrix per expert.
+
+    ``x`` is ``[rows, 1, K]`` and ``sorted_rhs_indices`` the sorted expert of
+    each row. Rather than gathering one copy of ``b``'s matrix per row, the
+    rows of each distinct expert are stacked into one ``[rows_e, K]`` matrix
+    (padded to the largest group) and :func:`reference.gather_mm` multiplies
+    each once by its expert: the same float32 products, with memory bounded
+    by the distinct experts. Returns ``[rows, 1, N]``.
+    """
+    rows, _, inner = x.shape
+    experts, starts, counts = np.unique(
+        sorted_rhs_indices, return_index=True, return_counts=True
+    )
+    widest = int(counts.max())
+    slots = np.arange(widest)
+    # Pad a group by repeating its last row (padding rows are dropped below).
+    source_rows = np.minimum(starts[:, None] + slots, (starts + counts - 1)[:, None])
+    stacked = mx.take(
+        x.reshape(rows, inner), mx.array(source_rows.reshape(-1).astype(np.uint32)), axis=0
+    ).reshape(len(experts), widest, inner)
+    products = reference.gather_mm(
+        stacked, b, rhs_indices=mx.array(experts.astype(np.uint32))
+    )
+    group_of_row = np.repeat(np.arange(len(experts)), counts)
+    product_row = group_of_row * widest + (np.arange(rows) - starts[group_of_row])
+    cols = products.shape[-1]
+    return mx.take(
+        products.reshape(-1, cols), mx.array(product_row.astype(np.uint32)), axis=0
+    ).reshape(rows, 1, cols)
+
+
+# ---------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------
+
+
+def gather_mm_workload(spec: CellSpec, resources: CellResources) -> Workload:
+    """Mode ``gather_mm``: one expert up projection, as mlx-lm's SwitchLinear.
+
+    ``x`` is ``[T*k, 1, D]``, the weight ``w`` is ``[E, H, D]`` and the call
+    is ``gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx,
+    sorted_indices=True)`` with ``idx`` the sorted top-k experts of T
+    tokens. Calls cycle through cache-cold routings
+    (:func:`cache_cold_routings`) and, for small models, weight copies.
+    """
+    model = spec.model
+    D, H, E, k = _dims(model)
+    dtype = spec.dtype
+    rows = spec.tokens * k
+    itemsize = dtype.size
+    copies = weight_copies_for_cold_cache(E * H * D * itemsize)
+    weights = resources.weights.get(
+        "up", lambda: random_expert_weights(E, H, D, dtype, copies, resources.seed)
+    )
+    routings = cache_cold_routings(resources.rng, spec.tokens, E, k)
+    indices = [mx.array(routing) for routing in routings]
+    x = mx.random.normal((rows, 1, D), dtype=dtype, key=mx.random.key(resources.seed + 1))
+    mx.eval(indices, x)
+
+    def inputs(call: int):
+        weight = weights[(call // len(indices)) % len(weights)]
+        return weight.swapaxes(-1, -2), indices[call % len(indices)]
+
+    def call_with(op):
+        def call(call_index: int) -> mx.array:
+            b, rhs = inputs(call_index)
+            return op(x, b, rhs_indices=rhs, sorted_indices=True)
+
+        return call
+
+    gathered_bytes = rows * D * H * mx.float32.size
+    too_large = gathered_bytes > REFERENCE_MAX_GATHERED_BYTES
+    distinct = float(np.mean([len(np.unique(routing)) for routing in routings]))
+    return Workload(
+        rows=rows,
+        ours=call_with(mlx_moe_kernels.gather_mm),
+        stock=call_with(mx.gather_mm),
+        reference=None if too_large else call_with(reference.gather_mm),
+        expected=lambda: grouped_reference_gather_mm(
+            x, weights[0].swapaxes(-1, -2), routings[0]
+        ),
+        weight_bytes_per_call=distinct * H * D * itemsize,
+        flops_per_call=2.0 * rows * D * H,
+        reference_skip_reason=(
+            f"the reference gathers one float32 copy of an expert's weights per "
+            f"row; cells needing more than {_gib(REFERENCE_MAX_GATHERED_BYTES)} "
+            f"are not timed"
+            if too_large
+            else None
+        ),
+    )
+
+
+ModeFunction = Callable[[CellSpec, CellResources], Workload]
+
+MODES: Dict[str, ModeFunction] = {"gather_mm": gather_mm_workload}
+"""Benchmark modes by name: each builds the :class:`Workload` of a cell."""
+
+DEFAULT_MODE = "gather_mm"
+"""The mode ``mlx-moe bench`` runs when none is named."""
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ImplementationTiming:
+    """How one implementation fared in one cell.
+
+    Attributes:
+        status: ``"ok"`` (timed), ``"unsupported"`` (the op raised, shown as
+            n/a), ``"skipped"`` (too large to run), ``"disabled"`` (turned
+            off, e.g. ``--no-reference``) or ``"failed"`` (our op raised).
+        samples_s: Wall time of each timed call, in seconds.
+        warmup_calls: Untimed calls made before timing.
+        error: Max abs error of call 0 relative to the reference's max
+            magnitude (ours and stock only).
+        note: Why it was not timed, when it was not.
+    """
+
+    status: str
+    samples_s: List[float] = field(default_factory=list)
+    warmup_calls: int = 0
+    error: Optional[float] = None
+    note: Optional[str] = None
+
+    @property
+    def median_s(self) -> Optional[float]:
+        """Median call time in seconds, or ``None`` when not timed."""
+        return float(np.median(self.samples_s)) if self.samples_s else None
+
+
+@dataclass
+class CellResult:
+    """The measurements of one (mode, model, dtype, tokens) cell."""
+
+    mode: str
+    model: str
+    dtype: str
+    tokens: int
+    rows: int
+    timings: Dict[str, ImplementationTiming]
+    tolerance: float
+    weight_bytes_per_call: float
+    flops_per_call: float
+
+    def median_s(self, implementation: str) -> Optional[float]:
+        """Median call time of an implementation, or ``None``."""
+        return self.timings[implementation].median_s
+
+    def speedup_over(self, implementation: str) -> Optional[float]:
+        """Median time of ``implementation`` over ours (> 1: ours is faster)."""
+        ours, other = self.median_s("ours"), self.median_s(implementation)
+        if ours is None or other is None:
+            return None
+        return other / ours
+
+    @property
+    def weight_gb_per_s(self) -> Optional[float]:
+        """Distinct expert weight bytes per call over our median time, GB/s."""
+        ours = self.median_s("ours")
+        return None if ours is None else self.weight_bytes_per_call / ours / 1e9
+
+    @property
+    def gflop_per_s(self) -> Optional[float]:
+        """FLOPs per call over our median time, GFLOP/s."""
+        ours = self.median_s("ours")
+        return None if ours is None else self.flops_per_call / ours / 1e9
+
+    @property
+    def failures(self) -> List[str]:
+        """Why this cell fails: an error above tolerance, or our op raising."""
+        problems = []
+        for name, timing in self.timings.items():
+            if timing.status == "failed":
+                problems.append(f"{name} raised: {timing.note}")
+            elif timing.error is not None and not timing.error <= self.tolerance:
+                problems.append(
+                    f"{name} differs from the reference by {timing.error:.2e} "
+                    f"(tolerance {self.tolerance:.0e})"
+                )
+        return problems
+
+    def label(self) -> str:
+        """A short name of the cell, e.g. ``qwen3-30b-a3b bfloat16 T=64``."""
+        return f"{self.model} {self.dtype} T={self.tokens}"
+
+    def to_dict(self) -> dict:
+        """The cell as plain JSON-ready values (times in milliseconds)."""
+        implementations = {}
+        for name, timing in self.timings.items():
+            median = timing.median_s
+            implementations[name] = {
+                "status": timing.status,
+                "median_ms": None if median is None else median * 1e3,
+                "samples_ms": [s * 1e3 for s in timing.samples_s],
+                "warmup_calls": timing.warmup_calls,
+                "max_rel_error": timing.error,
+                "note": timing.note,
+            }
+        return {
+            "mode": self.mode,
+            "model": self.model,
+            "dtype": self.dtype,
+            "tokens": self.tokens,
+            "rows": self.rows,
+            "implementations": implementations,
+            "speedup_vs_stock": self.speedup_over("stock"),
+            "speedup_vs_reference": self.speedup_over("reference"),
+            "weight_bytes_per_call": self.weight_bytes_per_call,
+            "weight_gb_per_s": self.weight_gb_per_s,
+            "flops_per_call": self.flops_per_call,
+            "gflop_per_s": self.gflop_per_s,
+            "tolerance": self.tolerance,
+            "passed": not self.failures,
+        }
+
+
+@dataclass
+class BenchReport:
+    """All cells of one run, with the machine they ran on."""
+
+    mode: str
+    machine: dict
+    cells: List[CellResult]
+    wall_time_s: float = 0.0
+
+    @property
+    def failures(self) -> List[str]:
+        """Every failing cell's problems, prefixed with the cell's label."""
+        return [f"{cell.label()}: {p}" for cell in self.cells for p in cell.failures]
+
+    def to_dict(self) -> dict:
+        """The report as plain JSON-ready values."""
+        return {
+            "mode": self.mode,
+            "machine": self.machine,
+            "wall_time_s": self.wall_time_s,
+            "cells": [cell.to_dict() for cell in self.cells],
+            "passed": not self.failures,
+        }
+
+    def write_json(self, path: str) -> None:
+        """Write :meth:`to_dict` to ``path``, indented."""
+        with open(path, "w") as out:
+            json.dump(self.to_dict(), out, indent=2)
+            out.write("\n")
+
+    def format_table(self) -> str:
+        """The cells as an aligned plain-text table, with footnotes."""
+        return format_table(self.cells)
+
+
+def machine_info(device: mx.Device) -> dict:
+    """Where the benchmark ran: platform, versions, device and threads."""
+    try:
+        device_info = {k: _jsonable(v) for k, v in mx.device_info().items()}
+    except Exception as exc:  # not every backend describes itself
+        device_info = {"error": str(exc)}
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        affinity = None
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "mlx_version": mx.__version__,
+        "mlx_moe_kernels_version": mlx_moe_kernels.__version__,
+        "device": str(device),
+        "device_info": device_info,
+        "threads": {
+            "cpu_count": os.cpu_count(),
+            "cpu_affinity": affinity,
+            "MLX_MOE_NUM_THREADS": os.environ.get("MLX_MOE_NUM_THREADS"),
+            "MLX_MOE_CPU_KERNELS": os.environ.get("MLX_MOE_CPU_KERNELS"),
+        },
+    }
+
+
+def _jsonable(value):
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------
+
+
+def time_call(implementation: Callable[[int], mx.array], call_index: int) -> float:
+    """Seconds to build and evaluate one call (``mx.eval`` + synchronize)."""
+    start = time.perf_counter()
+    out = implementation(call_index)
+    mx.eval(out)
+    mx.synchronize()
+    return time.perf_counter() - start
+
+
+def max_relative_error(actual: mx.array, expected: mx.array) -> float:
+    """``max|actual - expected| / max|expected|``, computed in float32."""
+    expected32 = expected.astype(mx.float32)
+    difference = mx.abs(actual.astype(mx.float32) - expected32).max()
+    scale = mx.maximum(mx.abs(expected32).max(), mx.array(1e-30))
+    return float((difference / scale).item())
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How many calls to make.
+
+    Attributes:
+        repeats: Timed calls per implementation; ``None`` adapts them to
+            ``cell_budget_s`` (between 1 and :data:`MAX_REPEATS`). The
+            reference never makes more than :data:`REFERENCE_MAX_REPEATS`.
+        cell_budget_s: Seconds of timed calls per cell, split evenly.
+    """
+
+    repeats: Optional[int] = None
+    cell_budget_s: float = CELL_TIME_BUDGET_S
+
+    def wants_more(self, name: str, samples: Sequence[float], share_s: float) -> bool:
+        """Whether ``name`` should make another timed call."""
+        cap = REFERENCE_MAX_REPEATS if name == "reference" else MAX_REPEATS
+        if self.repeats is not None:
+            return len(samples) < min(self.repeats, cap)
+        return not samples or (len(samples) < cap and sum(samples) < share_s)
+
+
+def measure_cell(
+    mode: str,
+    spec: CellSpec,
+    workload: Workload,
+    include_reference: bool,
+    policy: TimingPolicy,
+) -> CellResult:
+    """Check one cell's implementations against the reference, then time them."""
+    timings: Dict[str, ImplementationTiming] = {}
+    callables: Dict[str, Callable[[int], mx.array]] = {}
+    warmup_spent: Dict[str, float] = {}
+
+    expected = workload.expected()
+    mx.eval(expected)
+    for name, implementation in (("ours", workload.ours), ("stock", workload.stock)):
+        try:
+            start = time.perf_counter()
+            out = implementation(0)
+            mx.eval(out)
+            mx.synchronize()
+            warmup_spent[name] = time.perf_counter() - start
+        except Exception as exc:  # stock ops raise for unsupported dtypes
+            status = "unsupported" if name == "stock" else "failed"
+            timings[name] = ImplementationTiming(status, note=_one_line(exc))
+            continue
+        timings[name] = ImplementationTiming(
+            "ok", warmup_calls=1, error=max_relative_error(out, expected)
+        )
+        callables[name] = implementation
+        del out
+    del expected
+
+    if not include_reference:
+        timings["reference"] = ImplementationTiming("disabled", note="--no-reference")
+    elif workload.reference is None:
+        timings["reference"] = ImplementationTiming(
+            "skipped", note=workload.reference_skip_reason
+        )
+    else:
+        timings["reference"] = ImplementationTiming("ok")
+        callables["reference"] = workload.reference
+        warmup_spent["reference"] = 0.0
+
+    next_call = 1  # call 0 was the agreement check
+    for _ in range(WARMUP_CALLS):
+        for name in IMPLEMENTATIONS:
+            if name not in callables:
+                continue
+            timing = timings[name]
+            if timing.warmup_calls >= WARMUP_CALLS or warmup_spent[name] >= WARMUP_BUDGET_S:
+                continue
+            warmup_spent[name] += time_call(callables[name], next_call)
+            timing.warmup_calls += 1
+            next_call += 1
+
+    share_s = policy.cell_budget_s / max(1, len(callables))
+    active = [name for name in IMPLEMENTATIONS if name in callables]
+    while active:
+        for name in list(active):
+            samples = timings[name].samples_s
+            samples.append(time_call(callables[name], next_call))
+            next_call += 1
+            if not policy.wants_more(name, samples, share_s):
+                active.remove(name)
+
+    return CellResult(
+        mode=mode,
+        model=spec.model.name,
+        dtype=spec.dtype_name,
+        tokens=spec.tokens,
+        rows=workload.rows,
+        timings=timings,
+        tolerance=TOLERANCES[spec.dtype_name],
+        weight_bytes_per_call=workload.weight_bytes_per_call,
+        flops_per_call=workload.flops_per_call,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+# ---------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------
+
+
+class TextProgress:
+    """A minimal stand-in for ``tqdm`` when it is not installed.
+
+    On a terminal it rewrites one status line; otherwise it prints a line
+    per step. Supports the subset of tqdm's API the harness uses.
+    """
+
+    def __init__(self, total: int, stream=None) -> None:
+        self.total = total
+        self.done = 0
+        self.description = ""
+        self.stream = stream if stream is not None else sys.stderr
+        self.started = time.perf_counter()
+        self._on_terminal = getattr(self.stream, "isatty", lambda: False)()
+
+    def set_description(self, description: str) -> None:
+        """Show what is being worked on now."""
+        self.description = description
+        if self._on_terminal:
+            self._draw()
+
+    def update(self, steps: int = 1) -> None:
+        """Count ``steps`` more steps as done."""
+        self.done += steps
+        self._draw()
+
+    def close(self) -> None:
+        """End the status line."""
+        if self._on_terminal:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _draw(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        line = f"[{self.done}/{self.total}] {elapsed:5.0f}s {self.description}"
+        if self._on_terminal:
+            self.stream.write("\r" + line.ljust(78)[:120])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def make_progress(total: int, enabled: bool = True):
+    """A progress bar over ``total`` steps: tqdm's if installed, else
+    :class:`TextProgress`; ``None`` when disabled."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return TextProgress(total)
+    return tqdm(total=total, unit="cell", leave=False, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------
+
+
+def _names(values: Optional[Iterable], default: Sequence) -> List:
+    return list(default) if values is None else list(values)
+
+
+def run(
+    mode: str = DEFAULT_MODE,
+    *,
+    models: Optional[Iterable[str]] = None,
+    tokens: Optional[Iterable[int]] = None,
+    dtypes: Optional[Iterable[str]] = None,
+    device: Optional[mx.Device] = None,
+    include_reference: bool = True,
+    repeats: Optional[int] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> BenchReport:
+    """Run one benchmark mode over a grid of models, dtypes and token counts.
+
+    Args:
+        mode: A key of :data:`MODES`.
+        models: Model names or aliases (see :data:`MODEL_SHAPES`); ``None``
+            for the device's defaults (:data:`DEFAULTS_BY_DEVICE`).
+        tokens: Token counts T; ``None`` for the device's defaults.
+        dtypes: Dtype names (keys of :data:`DTYPES`); ``None`` for the
+            device's defaults.
+        device: Where to run; ``None`` for MLX's default device.
+        include_reference: Time the plain-MLX reference too. The agreement
+            check uses the reference either way.
+        repeats: Timed calls per implementation; ``None`` adapts them to
+            :data:`CELL_TIME_BUDGET_S` per cell.
+        seed: Seed of the weights, inputs and routings.
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        The :class:`BenchReport`; its ``failures`` list the cells whose
+        implementations disagree with the reference.
+
+    Raises:
+        ValueError: For an unknown mode, model or dtype, a non-positive
+            token count or repeat count, or an unavailable device.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    device = mx.default_device() if device is None else device
+    if not mx.is_available(device):
+        raise ValueError(f"device {device} is not available in this MLX build")
+    device_type = "gpu" if device.type == mx.DeviceType.gpu else "cpu"
+    defaults = DEFAULTS_BY_DEVICE[device_type]
+    shapes = [resolve_model(name) for name in _names(models, defaults["models"])]
+    token_counts = [int(t) for t in _names(tokens, defaults["tokens"])]
+    dtype_names = [str(d).lower() for d in _names(dtypes, defaults["dtypes"])]
+    for name in dtype_names:
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
+    if any(t < 1 for t in token_counts):
+        raise ValueError(f"token counts must be positive, got {token_counts}")
+    if repeats is not None and repeats < 1:
+        raise ValueError(f"repeats must be positive, got {repeats}")
+
+    build = MODES[mode]
+    policy = TimingPolicy(repeats=repeats)
+    resources = CellResources(np.random.default_rng(seed), WeightCache(), seed)
+    bar = make_progress(len(shapes) * len(dtype_names) * len(token_counts), progress)
+    cells: List[CellResult] = []
+    started = time.perf_counter()
+    try:
+        with mx.stream(device):
+            for shape in shapes:
+                for dtype_name in dtype_names:
+                    for count in token_counts:
+                        spec = CellSpec(shape, dtype_name, count)
+                        if bar is not None:
+                            bar.set_description(f"{shape.name} {dtype_name} T={count}")
+                        workload = build(spec, resources)
+                        cells.append(
+                            measure_cell(mode, spec, workload, include_reference, policy)
+                        )
+                        del workload
+                        mx.clear_cache()
+                        if bar is not None:
+                            bar.update(1)
+                    resources.weights.clear()
+    finally:
+        if bar is not None:
+            bar.close()
+    return BenchReport(
+        mode=mode,
+        machine=machine_info(device),
+        cells=cells,
+        wall_time_s=time.perf_counter() - started,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Presenting
+# ---------------------------------------------------------------------------
+
+_STATUS_MARKS = {
+    "unsupported": "n/a",
+    "skipped": "skip",
+    "disabled": "off",
+    "failed": "FAIL",
+}
+
+
+def _format_ms(seconds: Optional[float]) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 1000 else f"{ms:.0f}"
+
+
+def _format_speedup(ratio: Optional[float]) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.1f}x" if ratio < 100 else f"{ratio:.0f}x"
+
+
+def _format_rate(rate: Optional[float]) -> str:
+    if rate is None:
+        return "-"
+    return f"{rate:.2f}" if rate < 10 else f"{rate:.1f}" if rate < 1000 else f"{rate:.0f}"
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB"
+
+
+def format_table(cells: Sequence[CellResult]) -> str:
+    """Cells as an aligned plain-text table followed by footnotes.
+
+    Times are medians in ms; ``x stock`` and ``x ref`` are the speedups of
+    ours; GB/s counts the distinct expert weights a call reads; errors are
+    max abs errors relative to the reference's max magnitude; a value not
+    measured shows its reason's mark (n/a, skip, off, FAIL), explained below
+    the table.
+    """
+    header = [
+        "model", "dtype", "T", "rows", "ours ms", "stock ms", "ref ms",
+        "x stock", "x ref", "GB/s", "GFLOP/s", "err ours", "err stock",
+    ]
+    notes: Dict[tuple, None] = {}
+    rows = []
+    for cell in cells:
+        def time_column(name: str) -> str:
+            timing = cell.timings[name]
+            if timing.status == "ok":
+                return _format_ms(timing.median_s)
+            mark = _STATUS_MARKS[timing.status]
+            notes[(mark, name, timing.note)] = None
+            return mark
+
+        def error_column(name: str) -> str:
+            error = cell.timings[name].error
+            if error is None:
+                return "-"
+            flag = "" if error <= cell.tolerance else " !"
+            return f"{error:.1e}{flag}"
+
+        rows.append([
+            cell.model, cell.dtype, str(cell.tokens), str(cell.rows),
+            time_column("ours"), time_column("stock"), time_column("reference"),
+            _format_speedup(cell.speedup_over("stock")),
+            _format_speedup(cell.speedup_over("reference")),
+            _format_rate(cell.weight_gb_per_s), _format_rate(cell.gflop_per_s),
+            error_column("ours"), error_column("stock"),
+        ])
+    left_aligned = {0, 1}
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(values):
+        return "  ".join(
+            v.ljust(w) if i in left_aligned else v.rjust(w)
+            for i, (v, w) in enumerate(zip(values, widths))
+        ).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    tolerances = sorted({(c.dtype, c.tolerance) for c in cells})
+    out.append("")
+    out.append(
+        "times: median ms per call (cache-cold, interleaved); x stock / x ref: "
+        "speedup of ours; GB/s: distinct expert weights read per call / ours"
+    )
+    out.append(
+        "err: max |out - reference| / max |reference| on one call; tolerance "
+        + ", ".join(f"{d} {t:.0e}" for d, t in tolerances)
+        + " ('!' = above)"
+    )
+    for mark, name, note in notes:
+        out.append(f"{mark} ({name}): {note}")
+    return "\n".join(out)
+
+
+def plot_speedups(report: BenchReport, path: str) -> None:
+    """Save a plot of our speedup against the token count to ``path``.
+
+    One line per model and dtype, over stock (left) and over the reference
+    (right); log-scaled token axis.
+
+    Raises:
+        ImportError: When matplotlib is not installed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for axis, (versus, title) in zip(
+        axes, (("stock", "ours vs stock MLX"), ("reference", "ours vs plain-MLX reference"))
+    ):
+        series: Dict[str, List[tuple]] = {}
+        for cell in report.cells:
+            speedup = cell.speedup_over(versus)
+            if speedup is not None:
+                series.setdefault(f"{cell.model} {cell.dtype}", []).append(
+                    (cell.tokens, speedup)
+                )
+        for label, points in series.items():
+            points.sort()
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        axis.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+        axis.set_xscale("log")
+        axis.set_xlabel("tokens T")
+        axis.set_ylabel("speedup (x)")
+        axis.set_title(title)
+        if series:
+            axis.legend(fontsize="small")
+        else:
+            axis.text(0.5, 0.5, "not measured", ha="center", transform=axis.transAxes)
+        axis.grid(True, which="both", alpha=0.3)
+    figure.suptitle(f"mlx-moe bench --mode {report.mode} ({report.machine.get('device')})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

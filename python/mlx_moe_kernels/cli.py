@@ -1,0 +1,257 @@
+"""The ``mlx-moe`` command line.
+
+``mlx-moe bench`` times our kernels against MLX's stock ops and the plain-MLX
+reference on real MoE model shapes (see :mod:`mlx_moe_kernels.bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+
+import mlx_moe_kernels
+from mlx_moe_kernels import bench
+
+EXIT_OK = 0
+EXIT_DISAGREEMENT = 1
+EXIT_USAGE = 2
+
+
+def _split_list(values: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """Flatten repeated and comma-separated option values; ``None`` if unset."""
+    if not values:
+        return None
+    items = [item.strip() for value in values for item in value.split(",")]
+    return [item for item in items if item]
+
+
+def _model_names(values: Optional[Sequence[str]]) -> Optional[List[str]]:
+    names = _split_list(values)
+    if names is None:
+        return None
+    expanded: List[str] = []
+    for name in names:
+        for item in (bench.MODEL_SHAPES if name.lower() == "all" else [name]):
+            if item not in expanded:
+                expanded.append(item)
+    return expanded
+
+
+def _token_counts(values: Optional[Sequence[str]]) -> Optional[List[int]]:
+    items = _split_list(values)
+    if items is None:
+        return None
+    try:
+        counts = [int(item) for item in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--tokens takes positive integers, e.g. 1,8,64 (got {','.join(items)})"
+        ) from None
+    if any(count < 1 for count in counts):
+        raise argparse.ArgumentTypeError(f"--tokens must be positive (got {counts})")
+    return counts
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _models_help() -> str:
+    lines = []
+    for shape in bench.MODEL_SHAPES.values():
+        lines.append(
+            f"  {shape.name:<20} D={shape.hidden_size:<5} H={shape.expert_hidden_size:<5}"
+            f" E={shape.num_experts:<4} k={shape.experts_per_token}"
+        )
+    for alias, target in bench.MODEL_ALIASES.items():
+        lines.append(f"  {alias:<20} (same shapes as {target})")
+    return "\n".join(lines)
+
+
+def _defaults_help() -> str:
+    lines = []
+    for device_type, defaults in bench.DEFAULTS_BY_DEVICE.items():
+        models = ",".join(defaults["models"])
+        tokens = ",".join(str(t) for t in defaults["tokens"])
+        dtypes = ",".join(defaults["dtypes"])
+        lines.append(f"  {device_type}: --model {models}\n       --tokens {tokens} --dtype {dtypes}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mlx-moe`` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="mlx-moe",
+        description="Fast Mixture-of-Experts kernels for MLX: tools.",
+        epilog="Run 'mlx-moe COMMAND --help' for a command's options.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {mlx_moe_kernels.__version__}"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    bench_parser = commands.add_parser(
+        "bench",
+        help="time our kernels against stock MLX and the reference",
+        description=(
+            "Time our kernels side by side with MLX's stock ops and the plain-MLX "
+            "reference on the expert shapes of real MoE models, cache-cold "
+            "(every call reads expert weights the previous call did not) and "
+            "interleaved (ours, stock, reference, ours, ...), and print a table "
+            "of medians. Before timing, each cell checks that ours and stock "
+            "agree with the reference; the exit status is 1 if one does not "
+            "(float32: 1e-3, half types: 3e-2, relative to the largest output)."
+        ),
+        epilog=(
+            "modes:\n"
+            "  gather_mm   one expert up projection as mlx-lm's SwitchLinear calls it:\n"
+            "              gather_mm(x[T*k,1,D], w[E,H,D].swapaxes(-1,-2),\n"
+            "              rhs_indices=sorted top-k experts, sorted_indices=True)\n"
+            "\nmodels (name: D hidden, H expert hidden, E experts, k per token):\n"
+            f"{_models_help()}\n"
+            "\ndefaults by device:\n"
+            f"{_defaults_help()}\n"
+            "\nexamples:\n"
+            "  mlx-moe bench\n"
+            "  mlx-moe bench --model all --tokens 1,16 --dtype bfloat16\n"
+            "  mlx-moe bench --tokens 1 --dtype float32 --repeats 3 --json out.json\n"
+            "  mlx-moe bench --no-reference --plot speedup.png\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_parser.add_argument(
+        "--mode",
+        choices=list(bench.MODES),
+        default=bench.DEFAULT_MODE,
+        help=f"the operation to benchmark (default: {bench.DEFAULT_MODE})",
+    )
+    bench_parser.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help="model shapes to use; repeat the option or give a comma list; "
+        "'all' for every built-in model (default: per device, see below)",
+    )
+    bench_parser.add_argument(
+        "--tokens",
+        action="append",
+        metavar="LIST",
+        help="token counts T, comma-separated, e.g. 1,8,64 (default: per device)",
+    )
+    bench_parser.add_argument(
+        "--dtype",
+        action="append",
+        metavar="LIST",
+        help=f"dtypes, comma-separated, from {','.join(bench.DTYPES)} (default: per device)",
+    )
+    bench_parser.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        help="device to run on (default: MLX's default device)",
+    )
+    bench_parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        metavar="N",
+        help="timed calls per implementation and cell (default: as many as fit "
+        f"in ~{bench.CELL_TIME_BUDGET_S:g} s per cell, at most {bench.MAX_REPEATS}); "
+        f"the reference makes at most {bench.REFERENCE_MAX_REPEATS}",
+    )
+    bench_parser.add_argument(
+        "--no-reference",
+        dest="include_reference",
+        action="store_false",
+        help="do not time the plain-MLX reference (it still checks agreement)",
+    )
+    bench_parser.add_argument(
+        "--seed", type=int, default=0, help="seed of weights, inputs and routings (default: 0)"
+    )
+    bench_parser.add_argument(
+        "--json", metavar="FILE", help="also write every cell and the machine info to FILE"
+    )
+    bench_parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also plot speedup against tokens to FILE.png (needs matplotlib)",
+    )
+    bench_parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="do not show the progress bar",
+    )
+    bench_parser.set_defaults(handler=_run_bench, command_parser=bench_parser)
+    return parser
+
+
+def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error(
+            "--plot needs matplotlib, which is not installed: "
+            "pip install matplotlib (or mlx-moe-kernels[plot])"
+        )
+    device = None
+    if args.device is not None:
+        device = mx.gpu if args.device == "gpu" else mx.cpu
+        if not mx.is_available(device):
+            parser.error(f"--device {args.device}: this MLX build has no {args.device} backend")
+    try:
+        report = bench.run(
+            args.mode,
+            models=_model_names(args.model),
+            tokens=_token_counts(args.tokens),
+            dtypes=_split_list(args.dtype),
+            device=device,
+            include_reference=args.include_reference,
+            repeats=args.repeats,
+            seed=args.seed,
+            progress=args.progress,
+        )
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(str(exc))
+
+    print(f"mlx-moe bench --mode {report.mode} on {report.machine['device']} "
+          f"({report.machine['platform']}, mlx {report.machine['mlx_version']}), "
+          f"{report.wall_time_s:.0f} s")
+    print(report.format_table())
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        bench.plot_speedups(report, args.plot)
+        print(f"wrote {args.plot}")
+    failures = report.failures
+    if failures:
+        print("\nFAILED: implementations disagree with the reference:", file=sys.stderr)
+        for failure in failures:
+            print(f"  {failure}", file=sys.stderr)
+        return EXIT_DISAGREEMENT
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``mlx-moe``; returns the exit status.
+
+    0: success; 1: ``bench`` found an implementation that disagrees with the
+    reference (after printing the table); 2: a usage error.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return args.handler(args, args.command_parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
