@@ -80,7 +80,17 @@ mx::array indices_or_default(
       throw std::invalid_argument(msg.str());
     }
     check_evaluated_indices(*indices, batch, name);
-    return mx::astype(*indices, mx::uint32, s);
+    mx::array values = *indices;
+    if (values.dtype().size() == 8) {
+      // 64-bit values would wrap into range when narrowed to uint32: map
+      // every out-of-range value to 0xFFFFFFFF, which the kernel rejects.
+      auto outside = mx::logical_or(
+          mx::less(values, mx::array(0, values.dtype()), s),
+          mx::greater_equal(values, mx::array(batch, values.dtype()), s),
+          s);
+      values = mx::where(outside, mx::array(0xFFFFFFFFu, mx::uint32), mx::astype(values, mx::uint32, s), s);
+    }
+    return mx::astype(values, mx::uint32, s);
   }
   mx::Shape shape(x.shape().begin(), x.shape().end() - 2);
   return mx::reshape(mx::arange(static_cast<double>(batch), mx::uint32, s), shape, s);

@@ -47,7 +47,11 @@ std::vector<mx::array> GatherMM::vjp(
       if (lhs_is_identity_) {
         grads.push_back(mx::reshape(g, a.shape(), s));
       } else {
-        auto flat = mx::flatten(mx::zeros_like(a, s), 0, -3, s);
+        int num_a_matrices = 1;
+        for (int d = 0; d < a.ndim() - 2; ++d) {
+          num_a_matrices *= a.shape(d);
+        }
+        auto flat = mx::zeros({num_a_matrices, M, K}, a.dtype(), s);
         grads.push_back(mx::reshape(
             mx::scatter_add(flat, lhs, mx::expand_dims(g, -3, s), 0, s), a.shape(), s));
       }

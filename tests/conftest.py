@@ -216,6 +216,3 @@ def assert_close(x: mx.array, y: mx.array, a: mx.array, b: mx.array, lhs=None, r
     diff = np.abs(to_f64(x) - to_f64(y))
     assert np.all(diff <= bound), f"max difference {diff.max():.3g}, bound there {bound.flat[np.argmax(diff - bound)]:.3g}"
 
-
-def assert_all_close_np(x: np.ndarray, y: np.ndarray, rtol: float, atol: float):
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)

@@ -53,7 +53,7 @@ std::vector<uint32_t> read_indices(
     if (v >= bound) {
       std::ostringstream msg;
       msg << "[gather_mm] " << name << " holds " << v
-          << " (or a negative value), outside [0, " << bound
+          << " (or a negative or too large value), outside [0, " << bound
           << "): the number of matrices it indexes.";
       throw std::out_of_range(msg.str());
     }

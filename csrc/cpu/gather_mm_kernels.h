@@ -94,7 +94,10 @@ void load_rows(
 
 // ---------------------------------------------------------------- dot kernel
 // out[r * ldo + c] += sum_k w[c * ldw + k] * x[r * ldx + k], k < k8 (a
-// multiple of 8), for c < COLUMNS and r < ROWS.
+// multiple of 8), for c < COLUMNS and r < ROWS. `next` (or null): the weight
+// rows the next tile reads, prefetched in step with this one, so their
+// streams are in flight when it starts (each tile reads only a few KB per
+// weight row, too short for the hardware prefetcher to ramp up alone).
 template <int COLUMNS, int ROWS, typename T>
 inline void dot_tile(
     const T* w,
@@ -103,7 +106,8 @@ inline void dot_tile(
     int64_t ldx,
     int64_t k8,
     float* out,
-    int64_t ldo) {
+    int64_t ldo,
+    const T* next) {
   Vec8 acc[COLUMNS][ROWS];
 #pragma GCC unroll 8
   for (int c = 0; c < COLUMNS; ++c) {
@@ -117,6 +121,12 @@ inline void dot_tile(
 #pragma GCC unroll 8
     for (int c = 0; c < COLUMNS; ++c) {
       wv[c] = load(w + c * ldw + k);
+    }
+    if (next) {
+#pragma GCC unroll 8
+      for (int c = 0; c < COLUMNS; ++c) {
+        prefetch(next + c * ldw + k);
+      }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
@@ -145,12 +155,13 @@ inline void dot_tile_rows(
     int64_t ldx,
     int64_t k8,
     float* out,
-    int64_t ldo) {
+    int64_t ldo,
+    const T* next) {
   if constexpr (MAX_ROWS >= 1) {
     if (rows == MAX_ROWS) {
-      dot_tile<COLUMNS, MAX_ROWS>(w, ldw, x, ldx, k8, out, ldo);
+      dot_tile<COLUMNS, MAX_ROWS>(w, ldw, x, ldx, k8, out, ldo, next);
     } else {
-      dot_tile_rows<COLUMNS, MAX_ROWS - 1>(rows, w, ldw, x, ldx, k8, out, ldo);
+      dot_tile_rows<COLUMNS, MAX_ROWS - 1>(rows, w, ldw, x, ldx, k8, out, ldo, next);
     }
   }
 }
@@ -171,17 +182,21 @@ void dot_chunk(
   const int64_t k8 = kc / 8 * 8;
   int64_t c = 0;
   for (; c + COLUMNS <= columns; c += COLUMNS) {
+    // Prefetch the next full tile's weight rows during the first row tile.
+    const T* next = c + 2 * COLUMNS <= columns ? w + (c + COLUMNS) * ldw : nullptr;
     for (int64_t r = 0; r < num_rows; r += ROWS) {
       int rows = static_cast<int>(std::min<int64_t>(ROWS, num_rows - r));
       dot_tile_rows<COLUMNS, ROWS>(
-          rows, w + c * ldw, ldw, x + r * ldx, ldx, k8, acc + r * ldacc + c, ldacc);
+          rows, w + c * ldw, ldw, x + r * ldx, ldx, k8, acc + r * ldacc + c, ldacc,
+          r == 0 ? next : nullptr);
     }
   }
   for (; c < columns; ++c) {
     for (int64_t r = 0; r < num_rows; r += ROWS) {
       int rows = static_cast<int>(std::min<int64_t>(ROWS, num_rows - r));
       dot_tile_rows<1, ROWS>(
-          rows, w + c * ldw, ldw, x + r * ldx, ldx, k8, acc + r * ldacc + c, ldacc);
+          rows, w + c * ldw, ldw, x + r * ldx, ldx, k8, acc + r * ldacc + c, ldacc,
+          static_cast<const T*>(nullptr));
     }
   }
   if (k8 < kc) {

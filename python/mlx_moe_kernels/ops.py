@@ -54,8 +54,9 @@ def gather_mm(
         ValueError: For mismatched shapes, non-floating or float64 inputs,
             or non-integer indices.
         IndexError: For an index outside ``[0, number of matrices)``
-            (checked at the call when the indices are already computed,
-            otherwise when the result is evaluated).
+            when the indices are already computed at the call.
+        RuntimeError: For such an index in lazily computed indices, when
+            the result is evaluated (never an out-of-bounds read).
     """
     return _ext.gather_mm(
         a, b, lhs_indices, rhs_indices, sorted_indices=sorted_indices, stream=stream
