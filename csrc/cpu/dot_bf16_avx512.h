@@ -9,8 +9,8 @@
 // Differences from exact float32 accumulation: the instruction flushes
 // bfloat16 subnormal inputs to zero.
 //
-// Included only by gather_mm_avx512.cpp (built with -mavx512bf16 and
-// friends, called only on CPUs that have them).
+// Included by dot_kernels.h only in the AVX-512 build (kernels_avx512.cpp,
+// compiled with -mavx512bf16 and friends, called only on CPUs that have them).
 #pragma once
 
 #include <immintrin.h>
@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu/gather_mm_problem.h"
 
 namespace mlx_moe::cpu {
 namespace {
@@ -26,19 +25,17 @@ namespace {
 constexpr int kBf16Lanes = 32; // bfloat16 values per 512-bit register
 
 // out[r * ldo + c] += sum_{k < K} w[c * ldw + k] * x[r][k].
-// `next` (or null): the weight rows the next tile will read, prefetched
-// line by line in step with this tile, so their streams are already in
-// flight when it starts (each tile reads only a few KB per weight row, too
-// short for the hardware prefetcher to ramp up on its own).
+// out[r * ldo + c] += sum_{k < K} w[c][k] * x[r][k]. `next` (or null): the
+// weight rows of the next tile, prefetched line by line in step with this
+// one, so their streams are already in flight when it starts.
 template <int COLUMNS, int ROWS>
 inline void dot_tile_bf16(
-    const uint16_t* w,
-    int64_t ldw,
+    const uint16_t* const* w,
     const uint16_t* const* x,
     int64_t K,
     float* out,
     int64_t ldo,
-    const uint16_t* next) {
+    const uint16_t* const* next) {
   __m512 acc[COLUMNS][ROWS];
 #pragma GCC unroll 8
   for (int c = 0; c < COLUMNS; ++c) {
@@ -52,12 +49,12 @@ inline void dot_tile_bf16(
     __m512bh wv[COLUMNS];
 #pragma GCC unroll 8
     for (int c = 0; c < COLUMNS; ++c) {
-      wv[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + c * ldw + k);
+      wv[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w[c] + k);
     }
     if (next) {
 #pragma GCC unroll 8
       for (int c = 0; c < COLUMNS; ++c) {
-        _mm_prefetch(reinterpret_cast<const char*>(next + c * ldw + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next[c] + k), _MM_HINT_T0);
       }
     }
 #pragma GCC unroll 8
@@ -88,26 +85,24 @@ inline void dot_tile_bf16(
 template <int COLUMNS, int MAX_ROWS>
 inline void dot_tile_bf16_rows(
     int rows,
-    const uint16_t* w,
-    int64_t ldw,
+    const uint16_t* const* w,
     const uint16_t* const* x,
     int64_t K,
     float* out,
     int64_t ldo,
-    const uint16_t* next) {
+    const uint16_t* const* next) {
   if constexpr (MAX_ROWS >= 1) {
     if (rows == MAX_ROWS) {
-      dot_tile_bf16<COLUMNS, MAX_ROWS>(w, ldw, x, K, out, ldo, next);
+      dot_tile_bf16<COLUMNS, MAX_ROWS>(w, x, K, out, ldo, next);
     } else {
-      dot_tile_bf16_rows<COLUMNS, MAX_ROWS - 1>(rows, w, ldw, x, K, out, ldo, next);
+      dot_tile_bf16_rows<COLUMNS, MAX_ROWS - 1>(rows, w, x, K, out, ldo, next);
     }
   }
 }
 
 template <int COLUMNS, int ROWS>
 void dot_bf16_all(
-    const uint16_t* w,
-    int64_t ldw,
+    const uint16_t* const* w,
     int64_t columns,
     const uint16_t* const* x,
     int64_t num_rows,
@@ -117,40 +112,39 @@ void dot_bf16_all(
   int64_t c = 0;
   for (; c + COLUMNS <= columns; c += COLUMNS) {
     // Prefetch the next full tile's weight rows during the first row tile.
-    const uint16_t* next = c + 2 * COLUMNS <= columns ? w + (c + COLUMNS) * ldw : nullptr;
+    const uint16_t* const* next = c + 2 * COLUMNS <= columns ? w + c + COLUMNS : nullptr;
     for (int64_t r = 0; r < num_rows; r += ROWS) {
       int rows = static_cast<int>(std::min<int64_t>(ROWS, num_rows - r));
       dot_tile_bf16_rows<COLUMNS, ROWS>(
-          rows, w + c * ldw, ldw, x + r, K, acc + r * ldacc + c, ldacc, r == 0 ? next : nullptr);
+          rows, w + c, x + r, K, acc + r * ldacc + c, ldacc, r == 0 ? next : nullptr);
     }
   }
   for (; c < columns; ++c) {
     for (int64_t r = 0; r < num_rows; r += ROWS) {
       int rows = static_cast<int>(std::min<int64_t>(ROWS, num_rows - r));
-      dot_tile_bf16_rows<1, ROWS>(
-          rows, w + c * ldw, ldw, x + r, K, acc + r * ldacc + c, ldacc, nullptr);
+      dot_tile_bf16_rows<1, ROWS>(rows, w + c, x + r, K, acc + r * ldacc + c, ldacc, nullptr);
     }
   }
 }
 
-// All rows of a task against its columns; x[r] points at row r's K
-// contiguous bfloat16 values; acc is [rows, columns] float32.
+// All rows against all weight rows; x[r] points at row r's K contiguous
+// bfloat16 values; acc is [rows, ldacc] float32.
 inline void dot_bf16(
-    const uint16_t* w,
-    int64_t ldw,
+    const uint16_t* const* w,
     int64_t columns,
     const uint16_t* const* x,
     int64_t num_rows,
     int64_t K,
-    float* acc) {
+    float* acc,
+    int64_t ldacc) {
   // Tile shapes: 32 zmm registers; one row streams 8 weight rows at once,
   // more rows reuse each loaded weight vector (4 x 4 tile: 16 accumulators).
   if (num_rows == 1) {
-    dot_bf16_all<8, 1>(w, ldw, columns, x, num_rows, K, acc, columns);
+    dot_bf16_all<8, 1>(w, columns, x, num_rows, K, acc, ldacc);
   } else if (num_rows == 2) {
-    dot_bf16_all<6, 2>(w, ldw, columns, x, num_rows, K, acc, columns);
+    dot_bf16_all<6, 2>(w, columns, x, num_rows, K, acc, ldacc);
   } else {
-    dot_bf16_all<4, 4>(w, ldw, columns, x, num_rows, K, acc, columns);
+    dot_bf16_all<4, 4>(w, columns, x, num_rows, K, acc, ldacc);
   }
 }
 

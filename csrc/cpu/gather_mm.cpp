@@ -12,6 +12,7 @@
 #include "mlx/backend/cpu/encoder.h"
 
 #include "cpu/gather_mm_problem.h"
+#include "cpu/kernels.h"
 #include "cpu/routing.h"
 #include "cpu/thread_pool.h"
 #include "primitives.h"
@@ -60,42 +61,6 @@ std::vector<uint32_t> read_indices(
     values[i] = v;
   }
   return values;
-}
-
-using TaskKernel = void (*)(const cpu::GatherMMProblem&, const cpu::GatherMMTask&);
-
-// The best kernel build the CPU supports: AVX-512 BF16, AVX2+FMA+F16C, or
-// the portable build (NEON on arm64). MLX_MOE_CPU_KERNELS=portable|avx2|
-// avx512 caps the choice (tests run every build the machine has).
-TaskKernel select_kernel() {
-  const char* cap = std::getenv("MLX_MOE_CPU_KERNELS");
-  auto allowed = [&](const char* name) {
-    if (!cap || !*cap) {
-      return true;
-    }
-    // Order of capability: portable < avx2 < avx512.
-    const char* order[] = {"portable", "avx2", "avx512"};
-    int cap_rank = 2, rank = 0;
-    for (int i = 0; i < 3; ++i) {
-      if (std::strcmp(cap, order[i]) == 0) cap_rank = i;
-      if (std::strcmp(name, order[i]) == 0) rank = i;
-    }
-    return rank <= cap_rank;
-  };
-  (void)allowed;
-#if defined(__x86_64__) || defined(_M_X64)
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c");
-  if (avx2 && allowed("avx512") && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bf16")) {
-    return &cpu::gather_mm_task_avx512;
-  }
-  if (avx2 && allowed("avx2")) {
-    return &cpu::gather_mm_task_avx2;
-  }
-#endif
-  return &cpu::gather_mm_task_portable;
 }
 
 // Aim for several tasks per thread so that ragged groups balance; never
@@ -216,7 +181,7 @@ void run_gather_mm(const GatherMMArguments& args) {
 
   cpu::ThreadPool& pool = cpu::ThreadPool::instance();
   std::vector<cpu::GatherMMTask> tasks = make_tasks(problem, pool.num_threads());
-  TaskKernel kernel = select_kernel();
+  const auto kernel = cpu::cpu_kernels().gather_mm_task;
   pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
     kernel(problem, tasks[i]);
   });

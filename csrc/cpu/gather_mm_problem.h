@@ -52,12 +52,4 @@ struct GatherMMTask {
   int64_t n_end;
 };
 
-// The kernels, one entry per instruction set (gather_mm_portable.cpp,
-// gather_mm_avx2.cpp, gather_mm_avx512.cpp). Each computes one task.
-void gather_mm_task_portable(const GatherMMProblem& problem, const GatherMMTask& task);
-#if defined(__x86_64__) || defined(_M_X64)
-void gather_mm_task_avx2(const GatherMMProblem& problem, const GatherMMTask& task);
-void gather_mm_task_avx512(const GatherMMProblem& problem, const GatherMMTask& task);
-#endif
-
 } // namespace mlx_moe::cpu

@@ -189,11 +189,6 @@ IMPLEMENTATIONS = ("ours", "stock", "reference")
 """The implementations of every mode, in the order they take turns."""
 
 
-def default_device_type() -> str:
-    """``"gpu"`` or ``"cpu"``: the type of MLX's default device."""
-    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
-
-
 # ---------------------------------------------------------------------------
 # What a mode builds
 # ---------------------------------------------------------------------------
@@ -393,9 +388,9 @@ def grouped_reference_gather_mm(
 
 
 def gather_mm_workload(spec: CellSpec, resources: CellResources) -> Workload:
-    """Mode ``gather_mm``: one expert up projection, as mlx-lm's SwitchLinear.
+    """One expert up projection, as mlx-lm's SwitchLinear calls it.
 
-    ``x`` is ``[T*k, 1, D]``, the weight ``w`` is ``[E, H, D]`` and the call
+    Mode ``gather_mm``. ``x`` is ``[T*k, 1, D]``, the weight ``w`` is ``[E, H, D]`` and the call
     is ``gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx,
     sorted_indices=True)`` with ``idx`` the sorted top-k experts of T
     tokens. Calls cycle through cache-cold routings
@@ -452,7 +447,14 @@ def gather_mm_workload(spec: CellSpec, resources: CellResources) -> Workload:
 ModeFunction = Callable[[CellSpec, CellResources], Workload]
 
 MODES: Dict[str, ModeFunction] = {"gather_mm": gather_mm_workload}
-"""Benchmark modes by name: each builds the :class:`Workload` of a cell."""
+"""Benchmark modes by name: each builds the :class:`Workload` of a cell. The
+first line of a mode function's docstring is its summary in ``--help``."""
+
+
+def mode_summary(mode: str) -> str:
+    """The first line of a mode function's docstring."""
+    doc = MODES[mode].__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
 
 DEFAULT_MODE = "gather_mm"
 """The mode ``mlx-moe bench`` runs when none is named."""
@@ -838,6 +840,61 @@ def _names(values: Optional[Iterable], default: Sequence) -> List:
     return list(default) if values is None else list(values)
 
 
+@dataclass(frozen=True)
+class BenchGrid:
+    """A validated benchmark plan: every (model, dtype, tokens) cell of a mode."""
+
+    mode: str
+    device: mx.Device
+    models: List[ModelShape]
+    dtypes: List[str]
+    tokens: List[int]
+
+    def cells(self) -> List[CellSpec]:
+        """The cells in run order (model, then dtype, then tokens)."""
+        return [
+            CellSpec(model, dtype, count)
+            for model in self.models
+            for dtype in self.dtypes
+            for count in self.tokens
+        ]
+
+
+def plan_grid(
+    mode: str = DEFAULT_MODE,
+    *,
+    models: Optional[Iterable[str]] = None,
+    tokens: Optional[Iterable[int]] = None,
+    dtypes: Optional[Iterable[str]] = None,
+    device: Optional[mx.Device] = None,
+) -> BenchGrid:
+    """Check a run's arguments and fill in the device's defaults.
+
+    Arguments as in :func:`run`.
+
+    Raises:
+        ValueError: For an unknown mode, model or dtype, a non-positive
+            token count, or a device this MLX build does not have.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    device = mx.default_device() if device is None else device
+    if not mx.is_available(device):
+        raise ValueError(f"device {device} is not available in this MLX build")
+    defaults = DEFAULTS_BY_DEVICE["gpu" if device.type == mx.DeviceType.gpu else "cpu"]
+    shapes = [resolve_model(name) for name in _names(models, defaults["models"])]
+    dtype_names = [str(d).lower() for d in _names(dtypes, defaults["dtypes"])]
+    for name in dtype_names:
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
+    token_counts = [int(t) for t in _names(tokens, defaults["tokens"])]
+    if any(t < 1 for t in token_counts):
+        raise ValueError(f"token counts must be positive, got {token_counts}")
+    if not (shapes and dtype_names and token_counts):
+        raise ValueError("nothing to run: no model, dtype or token count")
+    return BenchGrid(mode, device, shapes, dtype_names, token_counts)
+
+
 def run(
     mode: str = DEFAULT_MODE,
     *,
@@ -872,56 +929,44 @@ def run(
         implementations disagree with the reference.
 
     Raises:
-        ValueError: For an unknown mode, model or dtype, a non-positive
-            token count or repeat count, or an unavailable device.
+        ValueError: For arguments :func:`plan_grid` rejects, or a
+            non-positive repeat count.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
-    device = mx.default_device() if device is None else device
-    if not mx.is_available(device):
-        raise ValueError(f"device {device} is not available in this MLX build")
-    device_type = "gpu" if device.type == mx.DeviceType.gpu else "cpu"
-    defaults = DEFAULTS_BY_DEVICE[device_type]
-    shapes = [resolve_model(name) for name in _names(models, defaults["models"])]
-    token_counts = [int(t) for t in _names(tokens, defaults["tokens"])]
-    dtype_names = [str(d).lower() for d in _names(dtypes, defaults["dtypes"])]
-    for name in dtype_names:
-        if name not in DTYPES:
-            raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
-    if any(t < 1 for t in token_counts):
-        raise ValueError(f"token counts must be positive, got {token_counts}")
+    grid = plan_grid(mode, models=models, tokens=tokens, dtypes=dtypes, device=device)
     if repeats is not None and repeats < 1:
         raise ValueError(f"repeats must be positive, got {repeats}")
-
     build = MODES[mode]
     policy = TimingPolicy(repeats=repeats)
     resources = CellResources(np.random.default_rng(seed), WeightCache(), seed)
-    bar = make_progress(len(shapes) * len(dtype_names) * len(token_counts), progress)
+    specs = grid.cells()
+    bar = make_progress(len(specs), progress)
     cells: List[CellResult] = []
     started = time.perf_counter()
     try:
-        with mx.stream(device):
-            for shape in shapes:
-                for dtype_name in dtype_names:
-                    for count in token_counts:
-                        spec = CellSpec(shape, dtype_name, count)
-                        if bar is not None:
-                            bar.set_description(f"{shape.name} {dtype_name} T={count}")
-                        workload = build(spec, resources)
-                        cells.append(
-                            measure_cell(mode, spec, workload, include_reference, policy)
-                        )
-                        del workload
-                        mx.clear_cache()
-                        if bar is not None:
-                            bar.update(1)
+        with mx.stream(grid.device):
+            for index, spec in enumerate(specs):
+                if bar is not None:
+                    bar.set_description(
+                        f"{spec.model.name} {spec.dtype_name} T={spec.tokens}"
+                    )
+                workload = build(spec, resources)
+                cells.append(measure_cell(mode, spec, workload, include_reference, policy))
+                del workload
+                mx.clear_cache()
+                if bar is not None:
+                    bar.update(1)
+                following = specs[index + 1] if index + 1 < len(specs) else None
+                if following is None or (following.model, following.dtype_name) != (
+                    spec.model,
+                    spec.dtype_name,
+                ):
                     resources.weights.clear()
     finally:
         if bar is not None:
             bar.close()
     return BenchReport(
         mode=mode,
-        machine=machine_info(device),
+        machine=machine_info(grid.device),
         cells=cells,
         wall_time_s=time.perf_counter() - started,
     )
@@ -1039,26 +1084,36 @@ def plot_speedups(report: BenchReport, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    for axis, (versus, title) in zip(
-        axes, (("stock", "ours vs stock MLX"), ("reference", "ours vs plain-MLX reference"))
-    ):
-        series: Dict[str, List[tuple]] = {}
-        for cell in report.cells:
+    from matplotlib.ticker import ScalarFormatter
+
+    series: Dict[str, Dict[str, List[tuple]]] = {"stock": {}, "reference": {}}
+    for cell in report.cells:
+        for versus, lines in series.items():
             speedup = cell.speedup_over(versus)
             if speedup is not None:
-                series.setdefault(f"{cell.model} {cell.dtype}", []).append(
+                lines.setdefault(f"{cell.model} {cell.dtype}", []).append(
                     (cell.tokens, speedup)
                 )
-        for label, points in series.items():
+    labels = sorted({label for lines in series.values() for label in lines})
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    titles = {"stock": "ours vs stock MLX", "reference": "ours vs plain-MLX reference"}
+    for axis, (versus, lines) in zip(axes, series.items()):
+        for label, points in lines.items():
             points.sort()
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            axis.plot(
+                [p[0] for p in points], [p[1] for p in points],
+                marker="o", label=label, color=colors[label],
+            )
         axis.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
         axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(ScalarFormatter())
         axis.set_xlabel("tokens T")
-        axis.set_ylabel("speedup (x)")
-        axis.set_title(title)
-        if series:
+        axis.set_ylabel("speedup of ours (x, log)")
+        axis.set_title(titles[versus])
+        if lines:
             axis.legend(fontsize="small")
         else:
             axis.text(0.5, 0.5, "not measured", ha="center", transform=axis.transAxes)

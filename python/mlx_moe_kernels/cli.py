@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import textwrap
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
@@ -19,6 +20,8 @@ from mlx_moe_kernels import bench
 EXIT_OK = 0
 EXIT_DISAGREEMENT = 1
 EXIT_USAGE = 2
+
+_HELP_WIDTH = 79
 
 
 def _split_list(values: Optional[Sequence[str]]) -> Optional[List[str]]:
@@ -88,6 +91,29 @@ def _defaults_help() -> str:
     return "\n".join(lines)
 
 
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=_HELP_WIDTH)
+
+
+def _modes_help() -> str:
+    lines = []
+    for mode in bench.MODES:
+        default = " (default)" if mode == bench.DEFAULT_MODE else ""
+        lines.append(
+            textwrap.fill(
+                bench.mode_summary(mode) + default,
+                width=_HELP_WIDTH,
+                initial_indent=f"  {mode:<12}",
+                subsequent_indent=" " * 14,
+            )
+        )
+    return "\n".join(lines)
+
+
+def _tolerances_help() -> str:
+    return ", ".join(f"{dtype} {tolerance:g}" for dtype, tolerance in bench.TOLERANCES.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mlx-moe`` and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -103,20 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser(
         "bench",
         help="time our kernels against stock MLX and the reference",
-        description=(
+        description=_wrap(
             "Time our kernels side by side with MLX's stock ops and the plain-MLX "
             "reference on the expert shapes of real MoE models, cache-cold "
             "(every call reads expert weights the previous call did not) and "
             "interleaved (ours, stock, reference, ours, ...), and print a table "
             "of medians. Before timing, each cell checks that ours and stock "
             "agree with the reference; the exit status is 1 if one does not "
-            "(float32: 1e-3, half types: 3e-2, relative to the largest output)."
+            f"({_tolerances_help()}, relative to the largest output)."
         ),
         epilog=(
             "modes:\n"
-            "  gather_mm   one expert up projection as mlx-lm's SwitchLinear calls it:\n"
-            "              gather_mm(x[T*k,1,D], w[E,H,D].swapaxes(-1,-2),\n"
-            "              rhs_indices=sorted top-k experts, sorted_indices=True)\n"
+            f"{_modes_help()}\n"
             "\nmodels (name: D hidden, H expert hidden, E experts, k per token):\n"
             f"{_models_help()}\n"
             "\ndefaults by device:\n"
@@ -206,19 +230,23 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if not mx.is_available(device):
             parser.error(f"--device {args.device}: this MLX build has no {args.device} backend")
     try:
-        report = bench.run(
-            args.mode,
-            models=_model_names(args.model),
-            tokens=_token_counts(args.tokens),
-            dtypes=_split_list(args.dtype),
-            device=device,
-            include_reference=args.include_reference,
-            repeats=args.repeats,
-            seed=args.seed,
-            progress=args.progress,
-        )
+        models = _model_names(args.model)
+        tokens = _token_counts(args.tokens)
+        dtypes = _split_list(args.dtype)
+        bench.plan_grid(args.mode, models=models, tokens=tokens, dtypes=dtypes, device=device)
     except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(str(exc))
+    report = bench.run(
+        args.mode,
+        models=models,
+        tokens=tokens,
+        dtypes=dtypes,
+        device=device,
+        include_reference=args.include_reference,
+        repeats=args.repeats,
+        seed=args.seed,
+        progress=args.progress,
+    )
 
     print(f"mlx-moe bench --mode {report.mode} on {report.machine['device']} "
           f"({report.machine['platform']}, mlx {report.machine['mlx_version']}), "

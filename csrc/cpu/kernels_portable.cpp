@@ -1,0 +1,13 @@
+// The CPU kernels built with the target's baseline flags: NEON on arm64,
+// plain C++ elsewhere (and on x86-64 CPUs without AVX2).
+#include "cpu/gather_mm_kernels.h"
+#include "cpu/kernels.h"
+
+namespace mlx_moe::cpu {
+
+const CpuKernels& kernels_portable() {
+  static const CpuKernels table{"portable", &run_task};
+  return table;
+}
+
+} // namespace mlx_moe::cpu
