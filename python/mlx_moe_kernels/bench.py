@@ -39,7 +39,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -390,14 +390,13 @@ def grouped_reference_gather_mm(
 def gather_mm_workload(spec: CellSpec, resources: CellResources) -> Workload:
     """One expert up projection, as mlx-lm's SwitchLinear calls it.
 
-    Mode ``gather_mm``. ``x`` is ``[T*k, 1, D]``, the weight ``w`` is ``[E, H, D]`` and the call
-    is ``gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx,
-    sorted_indices=True)`` with ``idx`` the sorted top-k experts of T
-    tokens. Calls cycle through cache-cold routings
+    Mode ``gather_mm``. ``x`` is ``[T*k, 1, D]``, the weight ``w`` is
+    ``[E, H, D]`` and the call is ``gather_mm(x, w.swapaxes(-1, -2),
+    rhs_indices=idx, sorted_indices=True)`` with ``idx`` the sorted top-k
+    experts of T tokens. Calls cycle through cache-cold routings
     (:func:`cache_cold_routings`) and, for small models, weight copies.
     """
-    model = spec.model
-    D, H, E, k = _dims(model)
+    D, H, E, k = _dims(spec.model)  # the names of ModelShape's docstring
     dtype = spec.dtype
     rows = spec.tokens * k
     itemsize = dtype.size
@@ -455,6 +454,7 @@ def mode_summary(mode: str) -> str:
     """The first line of a mode function's docstring."""
     doc = MODES[mode].__doc__ or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
+
 
 DEFAULT_MODE = "gather_mm"
 """The mode ``mlx-moe bench`` runs when none is named."""
@@ -866,7 +866,7 @@ def plan_grid(
     models: Optional[Iterable[str]] = None,
     tokens: Optional[Iterable[int]] = None,
     dtypes: Optional[Iterable[str]] = None,
-    device: Optional[mx.Device] = None,
+    device: Union[mx.Device, mx.DeviceType, None] = None,
 ) -> BenchGrid:
     """Check a run's arguments and fill in the device's defaults.
 
@@ -878,10 +878,14 @@ def plan_grid(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
-    device = mx.default_device() if device is None else device
+    if device is None:
+        device = mx.default_device()
+    elif isinstance(device, mx.DeviceType):  # mx.cpu, mx.gpu
+        device = mx.Device(device)
+    device_type = "gpu" if device.type == mx.DeviceType.gpu else "cpu"
     if not mx.is_available(device):
-        raise ValueError(f"device {device} is not available in this MLX build")
-    defaults = DEFAULTS_BY_DEVICE["gpu" if device.type == mx.DeviceType.gpu else "cpu"]
+        raise ValueError(f"this MLX build has no {device_type} backend ({device})")
+    defaults = DEFAULTS_BY_DEVICE[device_type]
     shapes = [resolve_model(name) for name in _names(models, defaults["models"])]
     dtype_names = [str(d).lower() for d in _names(dtypes, defaults["dtypes"])]
     for name in dtype_names:
@@ -901,7 +905,7 @@ def run(
     models: Optional[Iterable[str]] = None,
     tokens: Optional[Iterable[int]] = None,
     dtypes: Optional[Iterable[str]] = None,
-    device: Optional[mx.Device] = None,
+    device: Union[mx.Device, mx.DeviceType, None] = None,
     include_reference: bool = True,
     repeats: Optional[int] = None,
     seed: int = 0,
@@ -916,7 +920,8 @@ def run(
         tokens: Token counts T; ``None`` for the device's defaults.
         dtypes: Dtype names (keys of :data:`DTYPES`); ``None`` for the
             device's defaults.
-        device: Where to run; ``None`` for MLX's default device.
+        device: Where to run (``mx.cpu``, ``mx.gpu`` or a ``mx.Device``);
+            ``None`` for MLX's default device.
         include_reference: Time the plain-MLX reference too. The agreement
             check uses the reference either way.
         repeats: Timed calls per implementation; ``None`` adapts them to
