@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/pair.h>
 
 #include "ops.h"
 
@@ -22,4 +23,26 @@ NB_MODULE(_ext, m) {
       "sorted_indices"_a = false,
       "stream"_a = nb::none(),
       "Gather matmul with the semantics of mx.gather_mm (see mlx_moe_kernels.gather_mm).");
+
+  m.def(
+      "switch_glu",
+      &mlx_moe::switch_glu,
+      "x"_a,
+      "gate_weight"_a.none(),
+      "up_weight"_a,
+      "down_weight"_a,
+      "indices"_a,
+      "scores"_a = nb::none(),
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "Fused SwitchGLU of a MoE layer (see mlx_moe_kernels.switch_glu).");
+
+  m.def(
+      "route",
+      &mlx_moe::route,
+      "indices"_a,
+      "num_experts"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "Slots sorted by expert and per-expert offsets (see mlx_moe_kernels.route).");
 }

@@ -5,6 +5,10 @@
 #include <stdexcept>
 
 #include "primitives.h"
+#include "mlx/transforms.h"
+#include <functional>
+#include <string>
+#include <tuple>
 
 namespace mlx_moe {
 
@@ -15,7 +19,7 @@ bool has_kernels_for(const mx::Stream& stream) {
 namespace {
 
 template <typename T>
-void check_index_values(const mx::array& indices, int64_t bound, const char* name) {
+void check_index_values(const mx::array& indices, int64_t bound, const char* op, const char* name) {
   const T* data = indices.data<T>();
   const auto& shape = indices.shape();
   const auto& strides = indices.strides();
@@ -30,8 +34,8 @@ void check_index_values(const mx::array& indices, int64_t bound, const char* nam
     const int64_t value = static_cast<int64_t>(data[offset]);
     if (value < 0 || value >= bound) {
       std::ostringstream msg;
-      msg << "[gather_mm] " << name << " holds " << value << ", outside [0, " << bound
-          << "): the number of matrices it indexes.";
+      msg << "[" << op << "] " << name << " holds " << value << ", outside [0, " << bound
+          << ").";
       throw std::out_of_range(msg.str());
     }
   }
@@ -40,21 +44,53 @@ void check_index_values(const mx::array& indices, int64_t bound, const char* nam
 // When an index array already holds values (not a lazy graph node), check
 // its range on the host now, so the error points at the call. Lazy indices
 // are checked by the kernel when it runs.
-void check_evaluated_indices(const mx::array& indices, int64_t bound, const char* name) {
+void check_evaluated_indices(
+    const mx::array& indices,
+    int64_t bound,
+    const char* op,
+    const char* name) {
   if (indices.size() == 0 || !indices.is_available()) {
     return;
   }
   switch (indices.dtype()) {
-    case mx::uint8: return check_index_values<uint8_t>(indices, bound, name);
-    case mx::uint16: return check_index_values<uint16_t>(indices, bound, name);
-    case mx::uint32: return check_index_values<uint32_t>(indices, bound, name);
-    case mx::uint64: return check_index_values<uint64_t>(indices, bound, name);
-    case mx::int8: return check_index_values<int8_t>(indices, bound, name);
-    case mx::int16: return check_index_values<int16_t>(indices, bound, name);
-    case mx::int32: return check_index_values<int32_t>(indices, bound, name);
-    case mx::int64: return check_index_values<int64_t>(indices, bound, name);
+    case mx::uint8: return check_index_values<uint8_t>(indices, bound, op, name);
+    case mx::uint16: return check_index_values<uint16_t>(indices, bound, op, name);
+    case mx::uint32: return check_index_values<uint32_t>(indices, bound, op, name);
+    case mx::uint64: return check_index_values<uint64_t>(indices, bound, op, name);
+    case mx::int8: return check_index_values<int8_t>(indices, bound, op, name);
+    case mx::int16: return check_index_values<int16_t>(indices, bound, op, name);
+    case mx::int32: return check_index_values<int32_t>(indices, bound, op, name);
+    case mx::int64: return check_index_values<int64_t>(indices, bound, op, name);
     default: return;
   }
+}
+
+// Integer indices as the primitives take them: uint32. Values already
+// computed are range-checked now; lazy 64-bit values that would wrap into
+// range when narrowed are mapped to 0xFFFFFFFF, which the kernels reject.
+mx::array checked_uint32_indices(
+    const mx::array& indices,
+    int64_t bound,
+    const char* op,
+    const char* name,
+    const mx::Stream& s) {
+  if (!mx::issubdtype(indices.dtype(), mx::integer)) {
+    std::ostringstream msg;
+    msg << "[" << op << "] Got " << name << " with invalid dtype " << indices.dtype()
+        << ". Indices must be integral.";
+    throw std::invalid_argument(msg.str());
+  }
+  check_evaluated_indices(indices, bound, op, name);
+  mx::array values = indices;
+  if (values.dtype().size() == 8) {
+    auto outside = mx::logical_or(
+        mx::less(values, mx::array(0, values.dtype()), s),
+        mx::greater_equal(values, mx::array(bound, values.dtype()), s),
+        s);
+    values = mx::where(
+        outside, mx::array(0xFFFFFFFFu, mx::uint32), mx::astype(values, mx::uint32, s), s);
+  }
+  return mx::astype(values, mx::uint32, s);
 }
 
 // Indices as the primitive takes them: uint32, or the default arange over
@@ -73,24 +109,7 @@ mx::array indices_or_default(
   int64_t batch = std::accumulate(
       x.shape().begin(), x.shape().end() - 2, int64_t{1}, std::multiplies<int64_t>());
   if (indices.has_value()) {
-    if (!mx::issubdtype(indices->dtype(), mx::integer)) {
-      std::ostringstream msg;
-      msg << "[gather_mm] Got " << name << " with invalid dtype " << indices->dtype()
-          << ". Indices must be integral.";
-      throw std::invalid_argument(msg.str());
-    }
-    check_evaluated_indices(*indices, batch, name);
-    mx::array values = *indices;
-    if (values.dtype().size() == 8) {
-      // 64-bit values would wrap into range when narrowed to uint32: map
-      // every out-of-range value to 0xFFFFFFFF, which the kernel rejects.
-      auto outside = mx::logical_or(
-          mx::less(values, mx::array(0, values.dtype()), s),
-          mx::greater_equal(values, mx::array(batch, values.dtype()), s),
-          s);
-      values = mx::where(outside, mx::array(0xFFFFFFFFu, mx::uint32), mx::astype(values, mx::uint32, s), s);
-    }
-    return mx::astype(values, mx::uint32, s);
+    return checked_uint32_indices(*indices, batch, "gather_mm", name, s);
   }
   mx::Shape shape(x.shape().begin(), x.shape().end() - 2);
   return mx::reshape(mx::arange(static_cast<double>(batch), mx::uint32, s), shape, s);
@@ -174,6 +193,290 @@ mx::array gather_mm(
     axes.push_back(out.ndim() - 1);
   }
   return axes.empty() ? out : mx::squeeze(out, axes, stream);
+}
+
+} // namespace mlx_moe
+
+namespace mlx_moe {
+
+namespace {
+
+// The SwitchGLU as a composition of gather matmuls and MLX ops, mlx-lm's
+// formula: the gradient path of the fused op (MLX differentiates it), and
+// its fallback on devices without our kernels (with MLX's own gather_mm).
+// x [T, D], gate/up [E, H, D], down [E, D, H], indices [T, k] uint32,
+// scores [T, k] or none. Returns [T, D] with scores, else [T, k, D].
+mx::array switch_glu_composed(
+    const mx::array& x,
+    const mx::array& gate,
+    const mx::array& up,
+    const mx::array& down,
+    const mx::array& indices,
+    const std::optional<mx::array>& scores,
+    bool use_mlx_gather_mm,
+    const mx::Stream& s) {
+  const int tokens = x.shape(0);
+  const int top_k = indices.shape(1);
+  auto matmul = [&](const mx::array& a,
+                    const mx::array& weight,
+                    std::optional<mx::array> lhs) {
+    auto b = mx::swapaxes(weight, -1, -2, s);
+    return use_mlx_gather_mm ? mx::gather_mm(a, b, lhs, indices, false, s)
+                             : mlx_moe::gather_mm(a, b, lhs, indices, false, s);
+  };
+  auto rows = mx::expand_dims(x, 1, s); // [T, 1, D]
+  auto token_of_slot = mx::broadcast_to(
+      mx::reshape(mx::arange(tokens, mx::uint32, s), {tokens, 1}, s), {tokens, top_k}, s);
+  auto g = matmul(rows, gate, token_of_slot); // [T, k, 1, H]
+  auto u = matmul(rows, up, token_of_slot);
+  auto h = mx::multiply(mx::multiply(g, mx::sigmoid(g, s), s), u, s);
+  auto y = mx::squeeze(matmul(h, down, std::nullopt), 2, s); // [T, k, D]
+  if (scores) {
+    y = mx::sum(mx::multiply(y, mx::expand_dims(mx::astype(*scores, y.dtype(), s), -1, s), s), 1, false, s);
+  }
+  return y;
+}
+
+void require(bool condition, const std::function<std::string()>& message) {
+  if (!condition) {
+    throw std::invalid_argument("[switch_glu] " + message());
+  }
+}
+
+std::string shape_string(const mx::Shape& shape) {
+  std::ostringstream out;
+  out << shape;
+  return out.str();
+}
+
+} // namespace
+
+std::pair<mx::array, mx::array> route(mx::array indices, int num_experts, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (num_experts <= 0) {
+    throw std::invalid_argument("[route] num_experts must be positive.");
+  }
+  auto idx = checked_uint32_indices(indices, num_experts, "route", "indices", stream);
+  idx = mx::flatten(idx, stream);
+  auto outputs = mx::array::make_arrays(
+      {{static_cast<int>(idx.size())}, {num_experts + 1}},
+      {mx::uint32, mx::uint32},
+      std::make_shared<MoeRoute>(stream, num_experts),
+      {idx});
+  return {outputs[0], outputs[1]};
+}
+
+mx::array switch_glu(
+    mx::array x,
+    std::optional<mx::array> gate_weight,
+    mx::array up_weight,
+    mx::array down_weight,
+    mx::array indices,
+    std::optional<mx::array> scores,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  const bool fused = !gate_weight.has_value();
+  require(x.ndim() >= 1, [&] { return std::string("x must have at least one dimension."); });
+  require(down_weight.ndim() == 3, [&] {
+    return "down_weight must be [E, D, H] but has shape " + shape_string(down_weight.shape()) + ".";
+  });
+  const int num_experts = down_weight.shape(0);
+  const int model_dims = down_weight.shape(1);
+  const int hidden_dims = down_weight.shape(2);
+  require(x.shape(-1) == model_dims, [&] {
+    return "x's last dimension " + std::to_string(x.shape(-1)) +
+        " does not match down_weight [E, D, H] = " + shape_string(down_weight.shape()) + ".";
+  });
+  const mx::Shape projection{num_experts, (fused ? 2 : 1) * hidden_dims, model_dims};
+  require(up_weight.shape() == projection, [&] {
+    return std::string(fused ? "the fused gate_up weight (passed as up_weight with gate_weight=None)"
+                             : "up_weight") +
+        " must have shape " + shape_string(projection) + " to match down_weight " +
+        shape_string(down_weight.shape()) + ", but has shape " + shape_string(up_weight.shape()) + ".";
+  });
+  if (!fused) {
+    require(gate_weight->shape() == projection, [&] {
+      return "gate_weight must have shape " + shape_string(projection) + " but has shape " +
+          shape_string(gate_weight->shape()) + ".";
+    });
+  }
+  require(indices.ndim() == x.ndim(), [&] {
+    return "indices must be [..., k] with the leading dimensions of x " + shape_string(x.shape()) +
+        ", but has shape " + shape_string(indices.shape()) + ".";
+  });
+  for (int d = 0; d + 1 < x.ndim(); ++d) {
+    require(indices.shape(d) == x.shape(d), [&] {
+      return "indices " + shape_string(indices.shape()) +
+          " must have the leading dimensions of x " + shape_string(x.shape()) + ".";
+    });
+  }
+  const int top_k = indices.shape(-1);
+  require(top_k >= 1, [&] { return std::string("indices must select at least one expert per token (k >= 1)."); });
+  require(top_k <= num_experts, [&] {
+    return "indices selects k=" + std::to_string(top_k) + " experts per token but there are only " +
+        std::to_string(num_experts) + " experts.";
+  });
+  if (scores) {
+    require(scores->shape() == indices.shape(), [&] {
+      return "scores must have the shape of indices " + shape_string(indices.shape()) + " but has shape " +
+          shape_string(scores->shape()) + ".";
+    });
+    require(mx::issubdtype(scores->dtype(), mx::floating), [&] {
+      std::ostringstream m;
+      m << "scores must be floating point, got " << scores->dtype() << ".";
+      return m.str();
+    });
+  }
+
+  // dtype: promoted over x and the weights, as mlx-lm's matmuls would.
+  auto dtype = mx::promote_types(x.dtype(), mx::promote_types(up_weight.dtype(), down_weight.dtype()));
+  if (!fused) {
+    dtype = mx::promote_types(dtype, gate_weight->dtype());
+  }
+  if (dtype != mx::float32 && dtype != mx::float16 && dtype != mx::bfloat16) {
+    std::ostringstream m;
+    m << "[switch_glu] Supports float32, float16 and bfloat16 inputs but they promote to " << dtype << ".";
+    throw std::invalid_argument(m.str());
+  }
+  const auto out_dtype = scores ? mx::promote_types(dtype, scores->dtype()) : dtype;
+
+  mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
+  const int tokens = std::accumulate(lead.begin(), lead.end(), 1, std::multiplies<int>());
+  auto x2 = mx::reshape(mx::astype(x, dtype, stream), {tokens, model_dims}, stream);
+  auto idx = mx::reshape(
+      checked_uint32_indices(indices, num_experts, "switch_glu", "indices", stream),
+      {tokens, top_k}, stream);
+  std::optional<mx::array> scores2;
+  if (scores) {
+    scores2 = mx::reshape(mx::astype(*scores, mx::float32, stream), {tokens, top_k}, stream);
+  }
+  auto cast = [&](const mx::array& w) { return mx::astype(w, dtype, stream); };
+
+  auto finish = [&](mx::array out) {
+    mx::Shape shape = lead;
+    if (!scores) {
+      shape.push_back(top_k);
+    }
+    shape.push_back(model_dims);
+    return mx::astype(mx::reshape(out, shape, stream), out_dtype, stream);
+  };
+
+  // Inputs of the fused graph: x, gate (or gate_up), [up], down, indices,
+  // [scores]. gate and up are views of gate_up when fused (no copy).
+  std::vector<mx::array> inputs{mx::contiguous(x2, false, stream)};
+  if (fused) {
+    inputs.push_back(mx::contiguous(cast(up_weight), false, stream));
+  } else {
+    inputs.push_back(mx::contiguous(cast(*gate_weight), false, stream));
+    inputs.push_back(mx::contiguous(cast(up_weight), false, stream));
+  }
+  inputs.push_back(mx::contiguous(cast(down_weight), false, stream));
+  inputs.push_back(mx::contiguous(idx, false, stream));
+  if (scores2) {
+    inputs.push_back(mx::contiguous(*scores2, false, stream));
+  }
+  const bool has_scores = scores.has_value();
+  // Unpacks the input list: (x, gate, up, down, indices, scores).
+  auto unpack = [fused, has_scores, hidden_dims, stream](const std::vector<mx::array>& in) {
+    int i = 0;
+    mx::array xs = in[i++];
+    mx::array gate = in[i];
+    mx::array up = in[i];
+    if (fused) {
+      const auto& gu = in[i++];
+      const int E = gu.shape(0), D = gu.shape(2);
+      gate = mx::slice(gu, {0, 0, 0}, {E, hidden_dims, D}, stream);
+      up = mx::slice(gu, {0, hidden_dims, 0}, {E, 2 * hidden_dims, D}, stream);
+    } else {
+      gate = in[i++];
+      up = in[i++];
+    }
+    mx::array down = in[i++];
+    mx::array ids = in[i++];
+    std::optional<mx::array> sc;
+    if (has_scores) {
+      sc = in[i++];
+    }
+    return std::make_tuple(xs, gate, up, down, ids, sc);
+  };
+
+  if (!has_kernels_for(stream)) {
+    auto [xs, gate, up, down, ids, sc] = unpack(inputs);
+    return finish(switch_glu_composed(xs, gate, up, down, ids, sc, true, stream));
+  }
+
+  auto forward = [unpack, stream, top_k, num_experts, tokens, model_dims, hidden_dims, dtype,
+                  has_scores](const std::vector<mx::array>& in) -> std::vector<mx::array> {
+    auto [xs, gate, up, down, ids, sc] = unpack(in);
+    auto routed = mx::array::make_arrays(
+        {{tokens * top_k}, {num_experts + 1}},
+        {mx::uint32, mx::uint32},
+        std::make_shared<MoeRoute>(stream, num_experts),
+        {ids});
+    auto hidden = mx::array(
+        {tokens * top_k, hidden_dims},
+        dtype,
+        std::make_shared<MoeGateUpSwiGLU>(stream, top_k),
+        {xs, gate, up, routed[0], routed[1]});
+    std::vector<mx::array> down_inputs{hidden, down, routed[0], routed[1]};
+    if (sc) {
+      down_inputs.push_back(*sc);
+    }
+    mx::Shape out_shape = has_scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
+    return {mx::array(
+        std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k),
+        std::move(down_inputs))};
+  };
+  auto backward = [unpack, stream](
+                      const std::vector<mx::array>& primals,
+                      const std::vector<mx::array>& cotangents,
+                      const std::vector<mx::array>&) {
+    // Differentiate the composition (recomputing the forward products with
+    // our gather_mm); indices get a zero cotangent (they are discrete).
+    std::vector<int> index_positions;
+    auto composed = [&](const std::vector<mx::array>& in) -> std::vector<mx::array> {
+      auto [xs, gate, up, down, ids, sc] = unpack(in);
+      auto y = switch_glu_composed(xs, gate, up, down, ids, sc, false, stream);
+      if (!sc) {
+        y = mx::reshape(y, {-1, y.shape(-1)}, stream);
+      }
+      return {y};
+    };
+    std::vector<int> argnums;
+    for (int i = 0; i < static_cast<int>(primals.size()); ++i) {
+      if (mx::issubdtype(primals[i].dtype(), mx::floating)) {
+        argnums.push_back(i);
+      }
+    }
+    auto [outs, grads] = mx::vjp(
+        [&](const std::vector<mx::array>& in) {
+          std::vector<mx::array> full = primals;
+          for (size_t j = 0; j < argnums.size(); ++j) {
+            full[argnums[j]] = in[j];
+          }
+          return composed(full);
+        },
+        [&] {
+          std::vector<mx::array> diff;
+          for (int i : argnums) {
+            diff.push_back(primals[i]);
+          }
+          return diff;
+        }(),
+        cotangents);
+    std::vector<mx::array> result;
+    size_t next = 0;
+    for (int i = 0; i < static_cast<int>(primals.size()); ++i) {
+      if (next < argnums.size() && argnums[next] == i) {
+        result.push_back(grads[next++]);
+      } else {
+        result.push_back(mx::zeros_like(primals[i], stream));
+      }
+    }
+    return result;
+  };
+  auto fused_op = mx::custom_vjp(forward, backward);
+  return finish(fused_op(inputs)[0]);
 }
 
 } // namespace mlx_moe

@@ -1,6 +1,7 @@
 #include "primitives.h"
 
 #include <stdexcept>
+#include <string>
 
 #include "ops.h"
 
@@ -100,12 +101,58 @@ std::vector<mx::array> GatherMM::vjp(
   return grads;
 }
 
-// No GPU kernels in this build yet: the op falls back to mx.gather_mm on GPU
-// streams (ops.cpp, has_kernels_for), so this primitive never runs there.
-void GatherMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+std::vector<mx::Shape> MoeRoute::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{static_cast<int>(inputs[0].size())}, {num_experts_ + 1}};
+}
+
+bool MoeRoute::is_equivalent(const mx::Primitive& other) const {
+  return num_experts_ == static_cast<const MoeRoute&>(other).num_experts_;
+}
+
+std::vector<mx::Shape> MoeGateUpSwiGLU::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{inputs[0].shape(0) * top_k_, inputs[1].shape(1)}};
+}
+
+bool MoeGateUpSwiGLU::is_equivalent(const mx::Primitive& other) const {
+  return top_k_ == static_cast<const MoeGateUpSwiGLU&>(other).top_k_;
+}
+
+std::vector<mx::Shape> MoeDownCombine::output_shapes(const std::vector<mx::array>& inputs) {
+  const int slots = inputs[0].shape(0);
+  const int model_dims = inputs[1].shape(1);
+  if (inputs.size() > 4) {
+    return {{slots / top_k_, model_dims}};
+  }
+  return {{slots, model_dims}};
+}
+
+bool MoeDownCombine::is_equivalent(const mx::Primitive& other) const {
+  return top_k_ == static_cast<const MoeDownCombine&>(other).top_k_;
+}
+
+// No GPU kernels in this build yet: the ops fall back to MLX's own
+// operations on GPU streams (ops.cpp, has_kernels_for), so these primitives
+// never run there.
+namespace {
+[[noreturn]] void no_gpu_kernels(const char* op) {
   throw std::runtime_error(
-      "[gather_mm] This build of mlx_moe_kernels has no GPU kernels; the op "
-      "should have used MLX's own gather_mm on this stream.");
+      std::string("[") + op +
+      "] This build of mlx_moe_kernels has no GPU kernels; the op should "
+      "have used MLX's own operations on this stream.");
+}
+} // namespace
+
+void GatherMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  no_gpu_kernels("gather_mm");
+}
+void MoeRoute::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_gpu_kernels("switch_glu");
+}
+void MoeGateUpSwiGLU::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  no_gpu_kernels("switch_glu");
+}
+void MoeDownCombine::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  no_gpu_kernels("switch_glu");
 }
 
 } // namespace mlx_moe

@@ -43,4 +43,68 @@ class GatherMM : public mx::UnaryPrimitive {
   bool lhs_is_identity_;
 };
 
+// Routing of a MoE layer: groups the (token, slot) pairs by expert with a
+// counting sort. Input: indices [T, k] uint32. Outputs: order [T * k]
+// uint32, the slots s = t * k + j sorted by expert (stable), and offsets
+// [E + 1] uint32, expert e's slots being order[offsets[e] .. offsets[e + 1]).
+// Not differentiable (indices are discrete).
+class MoeRoute : public mx::Primitive {
+ public:
+  MoeRoute(mx::Stream stream, int num_experts)
+      : mx::Primitive(stream), num_experts_(num_experts) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override {
+    return "MoeRoute";
+  }
+
+ private:
+  int num_experts_;
+};
+
+// Gate and up projections with SwiGLU, fused: for every routed slot, in
+// expert-sorted order i, hidden[i] = silu(x[t] @ gate[e]^T) * (x[t] @
+// up[e]^T). Inputs: x [T, D], gate [E, H, D], up [E, H, D] (last axis
+// contiguous; gate and up may be two views of one fused [E, 2H, D] weight),
+// order, offsets (MoeRoute). Output: hidden [T * k, H].
+class MoeGateUpSwiGLU : public mx::UnaryPrimitive {
+ public:
+  MoeGateUpSwiGLU(mx::Stream stream, int top_k) : mx::UnaryPrimitive(stream), top_k_(top_k) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override {
+    return "MoeGateUpSwiGLU";
+  }
+
+ private:
+  int top_k_;
+};
+
+// Down projection with the routing-score combine, fused: out[t] = sum_j
+// scores[t, j] * (hidden[i(t, j)] @ down[e(t, j)]^T). Inputs: hidden
+// [T * k, H] in sorted order, down [E, D, H], order, offsets, and optionally
+// scores [T, k] float32. Output: [T, D] with scores; without, every slot's
+// own row, [T * k, D] in slot order.
+class MoeDownCombine : public mx::UnaryPrimitive {
+ public:
+  MoeDownCombine(mx::Stream stream, int top_k) : mx::UnaryPrimitive(stream), top_k_(top_k) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override {
+    return "MoeDownCombine";
+  }
+
+ private:
+  int top_k_;
+};
+
 } // namespace mlx_moe

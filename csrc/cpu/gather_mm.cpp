@@ -12,6 +12,7 @@
 #include "mlx/backend/cpu/encoder.h"
 
 #include "cpu/gather_mm_problem.h"
+#include "cpu/indices.h"
 #include "cpu/kernels.h"
 #include "cpu/routing.h"
 #include "cpu/thread_pool.h"
@@ -22,46 +23,6 @@ namespace mlx_moe {
 namespace {
 
 using cpu::ElementType;
-
-// Element offset of the flat position `index` of an array's leading
-// `ndim` dimensions, given their shape and strides.
-int64_t batch_offset(
-    int64_t index,
-    const mx::Shape& shape,
-    const mx::Strides& strides,
-    int ndim) {
-  int64_t offset = 0;
-  for (int d = ndim - 1; d >= 0 && index > 0; --d) {
-    offset += (index % shape[d]) * strides[d];
-    index /= shape[d];
-  }
-  return offset;
-}
-
-// The index array's values in row-major order (it may be broadcast or
-// strided), each checked to lie in [0, bound).
-std::vector<uint32_t> read_indices(
-    const uint32_t* data,
-    const mx::Shape& shape,
-    const mx::Strides& strides,
-    int64_t count,
-    int64_t bound,
-    const char* name) {
-  std::vector<uint32_t> values(count);
-  const int ndim = static_cast<int>(shape.size());
-  for (int64_t i = 0; i < count; ++i) {
-    uint32_t v = data[batch_offset(i, shape, strides, ndim)];
-    if (v >= bound) {
-      std::ostringstream msg;
-      msg << "[gather_mm] " << name << " holds " << v
-          << " (or a negative or too large value), outside [0, " << bound
-          << "): the number of matrices it indexes.";
-      throw std::out_of_range(msg.str());
-    }
-    values[i] = v;
-  }
-  return values;
-}
 
 // Aim for several tasks per thread so that ragged groups balance; never
 // split a group's columns finer than this (keeps weight rows streaming in
@@ -150,9 +111,11 @@ void run_gather_mm(const GatherMMArguments& args) {
   }
 
   std::vector<uint32_t> lhs = read_indices(
-      args.lhs, args.lhs_shape, args.lhs_strides, args.num_pairs, a_batch, "lhs_indices");
+      args.lhs, args.lhs_shape, args.lhs_strides, args.num_pairs, a_batch, "[gather_mm] lhs_indices",
+      "the number of matrices it indexes");
   std::vector<uint32_t> rhs = read_indices(
-      args.rhs, args.rhs_shape, args.rhs_strides, args.num_pairs, b_batch, "rhs_indices");
+      args.rhs, args.rhs_shape, args.rhs_strides, args.num_pairs, b_batch, "[gather_mm] rhs_indices",
+      "the number of matrices it indexes");
   std::vector<int64_t> a_offsets(args.num_pairs);
   std::vector<int64_t> b_offsets(args.num_pairs);
   for (int64_t p = 0; p < args.num_pairs; ++p) {

@@ -7,12 +7,15 @@
 #pragma once
 
 #include "cpu/gather_mm_problem.h"
+#include "cpu/switch_glu_problem.h"
 
 namespace mlx_moe::cpu {
 
 struct CpuKernels {
   const char* name;
   void (*gather_mm_task)(const GatherMMProblem&, const GatherMMTask&);
+  void (*gate_up_task)(const SwitchGluProblem&, const GateUpTask&);
+  void (*down_task)(const SwitchGluProblem&, const DownTask&);
 };
 
 const CpuKernels& kernels_portable();

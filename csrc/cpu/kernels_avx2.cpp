@@ -2,6 +2,7 @@
 // gets -mavx2 -mfma -mf16c); used only when the CPU has them.
 #include "cpu/gather_mm_kernels.h"
 #include "cpu/kernels.h"
+#include "cpu/switch_glu_kernels.h"
 
 #if !defined(MLX_MOE_SIMD_AVX2)
 #error "kernels_avx2.cpp must be compiled with -mavx2 -mfma -mf16c"
@@ -10,7 +11,7 @@
 namespace mlx_moe::cpu {
 
 const CpuKernels& kernels_avx2() {
-  static const CpuKernels table{"avx2", &run_task};
+  static const CpuKernels table{"avx2", &run_task, &gate_up_task, &down_task};
   return table;
 }
 

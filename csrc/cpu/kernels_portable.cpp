@@ -2,11 +2,12 @@
 // plain C++ elsewhere (and on x86-64 CPUs without AVX2).
 #include "cpu/gather_mm_kernels.h"
 #include "cpu/kernels.h"
+#include "cpu/switch_glu_kernels.h"
 
 namespace mlx_moe::cpu {
 
 const CpuKernels& kernels_portable() {
-  static const CpuKernels table{"portable", &run_task};
+  static const CpuKernels table{"portable", &run_task, &gate_up_task, &down_task};
   return table;
 }
 

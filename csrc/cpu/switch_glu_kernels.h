@@ -1,0 +1,164 @@
+// The fused SwitchGLU's CPU tasks, written once on the dot engine
+// (dot_kernels.h) and compiled once per instruction set.
+//
+// gate_up task: one expert's slots x a block of hidden columns. The gate and
+// up weight rows of each hidden column are handed to the dot engine
+// interleaved (gate h, up h, gate h+1, ...), so both projections accumulate
+// in the same pass over K, from the same loaded activation vectors; the
+// epilogue applies silu(gate) * up in float32 and writes only the H-wide
+// hidden rows, rounded once.
+//
+// down task: a block of output columns. Each expert's hidden rows (contiguous
+// in sorted order) meet that expert's down rows in the dot engine; the
+// epilogue multiplies by the slot's routing score and adds into the token's
+// float32 output row, so the k slots of a token are summed without ever
+// writing [tokens, k, D].
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/dot_kernels.h"
+#include "cpu/switch_glu_problem.h"
+
+namespace mlx_moe::cpu {
+namespace {
+
+struct SwitchGluScratch {
+  std::vector<const void*> x_rows;
+  std::vector<const void*> w_rows;
+  std::vector<float> products; // [rows, columns] of one expert
+  std::vector<float> out;      // [tokens, columns] of a down task
+};
+
+inline SwitchGluScratch& switch_glu_scratch() {
+  thread_local SwitchGluScratch s;
+  return s;
+}
+
+inline float silu(float x) {
+  return x / (1.0f + std::exp(-x));
+}
+
+template <typename T>
+void gate_up_task_typed(const SwitchGluProblem& p, const GateUpTask& task) {
+  SwitchGluScratch& s = switch_glu_scratch();
+  const int64_t begin = p.offsets[task.expert];
+  const int64_t rows = p.offsets[task.expert + 1] - begin;
+  const int64_t columns = task.h_end - task.h_begin;
+  if (rows == 0 || columns == 0) {
+    return;
+  }
+  const T* x = static_cast<const T*>(p.x);
+  s.x_rows.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = p.order[begin + r] / p.top_k;
+    s.x_rows[r] = x + token * p.x_row_stride;
+  }
+  const T* gate = static_cast<const T*>(p.gate) + task.expert * p.gate_up_expert_stride;
+  const T* up = static_cast<const T*>(p.up) + task.expert * p.gate_up_expert_stride;
+  s.w_rows.resize(2 * columns);
+  for (int64_t c = 0; c < columns; ++c) {
+    s.w_rows[2 * c] = gate + (task.h_begin + c) * p.gate_up_row_stride;
+    s.w_rows[2 * c + 1] = up + (task.h_begin + c) * p.gate_up_row_stride;
+  }
+  s.products.assign(rows * 2 * columns, 0.0f);
+  dot_rows<T>(
+      reinterpret_cast<const T* const*>(s.w_rows.data()), 2 * columns,
+      reinterpret_cast<const T* const*>(s.x_rows.data()), 1, rows, p.model_dims,
+      s.products.data(), 2 * columns);
+  T* hidden = static_cast<T*>(p.hidden);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* pr = s.products.data() + r * 2 * columns;
+    T* h = hidden + (begin + r) * p.hidden_dims + task.h_begin;
+    for (int64_t c = 0; c < columns; ++c) {
+      h[c] = from_float<T>(silu(pr[2 * c]) * pr[2 * c + 1]);
+    }
+  }
+}
+
+template <typename T>
+void down_task_typed(const SwitchGluProblem& p, const DownTask& task) {
+  SwitchGluScratch& s = switch_glu_scratch();
+  const int64_t columns = task.d_end - task.d_begin;
+  if (columns == 0) {
+    return;
+  }
+  const T* hidden = static_cast<const T*>(p.hidden);
+  T* out = static_cast<T*>(p.out);
+  const bool combine = p.scores != nullptr;
+  if (combine) {
+    s.out.assign(p.tokens * columns, 0.0f);
+  }
+  s.w_rows.resize(columns);
+  for (int64_t e = task.expert_begin; e < task.expert_end; ++e) {
+    const int64_t begin = p.offsets[e];
+    const int64_t rows = p.offsets[e + 1] - begin;
+    if (rows == 0) {
+      continue;
+    }
+    s.x_rows.resize(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      s.x_rows[r] = hidden + (begin + r) * p.hidden_dims;
+    }
+    const T* down = static_cast<const T*>(p.down) + e * p.down_expert_stride;
+    for (int64_t c = 0; c < columns; ++c) {
+      s.w_rows[c] = down + (task.d_begin + c) * p.down_row_stride;
+    }
+    s.products.assign(rows * columns, 0.0f);
+    dot_rows<T>(
+        reinterpret_cast<const T* const*>(s.w_rows.data()), columns,
+        reinterpret_cast<const T* const*>(s.x_rows.data()), 1, rows, p.hidden_dims,
+        s.products.data(), columns);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t slot = p.order[begin + r];
+      const float* pr = s.products.data() + r * columns;
+      if (combine) {
+        const float score = p.scores[slot];
+        float* o = s.out.data() + (slot / p.top_k) * columns;
+        for (int64_t c = 0; c < columns; ++c) {
+          o[c] += score * pr[c];
+        }
+      } else {
+        T* o = out + slot * p.model_dims + task.d_begin;
+        for (int64_t c = 0; c < columns; ++c) {
+          o[c] = from_float<T>(pr[c]);
+        }
+      }
+    }
+  }
+  if (combine) {
+    for (int64_t t = 0; t < p.tokens; ++t) {
+      const float* o = s.out.data() + t * columns;
+      T* dst = out + t * p.model_dims + task.d_begin;
+      for (int64_t c = 0; c < columns; ++c) {
+        dst[c] = from_float<T>(o[c]);
+      }
+    }
+  }
+}
+
+inline void gate_up_task(const SwitchGluProblem& p, const GateUpTask& task) {
+  switch (p.dtype) {
+    case ElementType::float32:
+      return gate_up_task_typed<float>(p, task);
+    case ElementType::float16:
+      return gate_up_task_typed<Float16Bits>(p, task);
+    case ElementType::bfloat16:
+      return gate_up_task_typed<BFloat16Bits>(p, task);
+  }
+}
+
+inline void down_task(const SwitchGluProblem& p, const DownTask& task) {
+  switch (p.dtype) {
+    case ElementType::float32:
+      return down_task_typed<float>(p, task);
+    case ElementType::float16:
+      return down_task_typed<Float16Bits>(p, task);
+    case ElementType::bfloat16:
+      return down_task_typed<BFloat16Bits>(p, task);
+  }
+}
+
+} // namespace
+} // namespace mlx_moe::cpu
