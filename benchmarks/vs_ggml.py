@@ -1,11 +1,17 @@
-"""Side-by-side benchmark of one MoE projection: ours vs llama.cpp's ggml vs
-stock MLX, cache-cold, interleaved in one run.
+"""Side-by-side benchmark of a MoE layer or one of its projections: ours vs
+llama.cpp's ggml vs stock MLX, cache-cold, interleaved in one run.
 
-The projection is Qwen3-30B-A3B's up projection as mlx-lm's SwitchLinear
-calls it: x [T*k, 1, D], b = w.swapaxes(-1, -2) with w [E, H, D], sorted
-expert indices of top-k routing of T tokens. The peer is
-``../shared/peers/ggml_moe`` (``moe_layer up TYPE D H E k THREADS T``):
-ggml's MUL_MAT_ID, which llama.cpp uses for the same projection.
+--what up: Qwen3-30B-A3B's up projection as mlx-lm's SwitchLinear calls
+it: x [T*k, 1, D], b = w.swapaxes(-1, -2) with w [E, H, D], sorted expert
+indices of top-k routing of T tokens; ours is mlx_moe_kernels.gather_mm,
+stock is mx.gather_mm. The peer is ``../shared/peers/ggml_moe``
+(``moe_layer up TYPE D H E k THREADS T``): ggml's MUL_MAT_ID.
+
+--what layer: the whole MoE FFN (gate, up, SwiGLU, down, score-weighted sum
+over the k experts); ours is mlx_moe_kernels.switch_glu with scores, stock
+is mlx-lm's SwitchGLU composition on mx.gather_mm (sorting the rows when
+there are >= 64, as mlx-lm does) plus the weighted sum; the peer is
+``moe_layer layer ...``, llama.cpp's build_moe_ffn graph.
 
 Cache-cold as in DESIGN.md: at T=1 each call uses a set of k experts that
 the previous calls did not touch (disjoint sets over a permutation of the
@@ -47,37 +53,63 @@ def ggml_binary(path: str | None) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def routings(rng, tokens: int, experts: int, top_k: int, count: int, start: int):
-    """`count` routings (sorted uint32 index arrays), cache-cold in sequence."""
+def routings(rng, tokens: int, experts: int, top_k: int, count: int, start: int,
+             flat_sorted: bool = True):
+    """`count` routings, cache-cold in sequence: sorted flat uint32 arrays
+    [T*k] (flat_sorted, for one projection) or [T, k] top-k choices."""
     result = []
     if tokens == 1:
         perm = rng.permutation(experts)
         sets = experts // top_k
         for i in range(count):
             j = (start + i) % sets
-            result.append(np.sort(perm[j * top_k : (j + 1) * top_k]))
+            result.append(np.sort(perm[j * top_k : (j + 1) * top_k]).reshape(1, top_k))
     else:
         for _ in range(count):
-            choice = np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k]
-            result.append(np.sort(choice.reshape(-1)))
+            result.append(np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k])
+    if flat_sorted:
+        result = [np.sort(r.reshape(-1)) for r in result]
     return [mx.array(r.astype(np.uint32)) for r in result]
 
 
-def time_calls(fn, x, b, index_list, warmup: int = 3) -> float:
-    """Median ms of fn over the index arrays after `warmup` untimed calls
-    (each call evaluated alone)."""
+def time_calls(fn, index_list, warmup: int = 3) -> float:
+    """Median ms of fn(indices) over the index arrays after `warmup` untimed
+    calls (each call evaluated alone)."""
     for idx in index_list[:warmup]:
-        mx.eval(fn(x, b, rhs_indices=idx, sorted_indices=True))
+        mx.eval(fn(idx))
     times = []
     for idx in index_list[warmup:]:
         t0 = time.perf_counter()
-        mx.eval(fn(x, b, rhs_indices=idx, sorted_indices=True))
+        mx.eval(fn(idx))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
+def stock_switch_glu(x, gate, up, down, indices, scores):
+    """mlx-lm's SwitchGLU on mx.gather_mm (with its row sort for >= 64
+    rows), then the score-weighted sum, as mlx-lm's MoE blocks compute it."""
+    x = mx.expand_dims(x, (-2, -3))
+    do_sort = indices.size >= 64
+    idx, inv_order = indices, None
+    if do_sort:
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        inv_order = mx.argsort(order)
+        x = x.flatten(0, -3)[order // indices.shape[-1]]
+        idx = flat[order]
+    g = mx.gather_mm(x, gate.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=do_sort)
+    u = mx.gather_mm(x, up.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=do_sort)
+    h = g * mx.sigmoid(g) * u
+    y = mx.gather_mm(h, down.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=do_sort)
+    if do_sort:
+        y = mx.unflatten(y[inv_order], 0, indices.shape)
+    y = y.squeeze(-2)
+    return (y * scores[..., None]).sum(-2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--what", default="up", choices=["up", "layer"])
     parser.add_argument("--dtype", default="float32", choices=sorted(GGML_TYPE))
     parser.add_argument("--tokens", default="1,64,1024")
     parser.add_argument("--rounds", type=int, default=3)
@@ -94,52 +126,80 @@ def main() -> int:
     dtype = getattr(mx, args.dtype)
     tokens = [int(t) for t in args.tokens.split(",")]
     binary = ggml_binary(args.ggml)
+    layer = args.what == "layer"
 
     rng = np.random.default_rng(0)
-    w = (mx.random.normal((E, H, D)) / D**0.5).astype(dtype)
-    b = w.swapaxes(-1, -2)
-    mx.eval(w)
-    elem = w.itemsize
+    up = (mx.random.normal((E, H, D)) / D**0.5).astype(dtype)
+    gate = (mx.random.normal((E, H, D)) / D**0.5).astype(dtype) if layer else None
+    down = (mx.random.normal((E, D, H)) / H**0.5).astype(dtype) if layer else None
+    mx.eval(up, gate, down)
+    projections = 3 if layer else 1
     rows = []
     for T in tokens:
-        x = mx.random.normal((T * k, 1, D)).astype(dtype)
+        if layer:
+            x = mx.random.normal((T, D)).astype(dtype)
+            scores = mx.softmax(mx.random.normal((T, k)), axis=-1).astype(dtype)
+
+            def ours(idx):
+                return mk.switch_glu(x, gate, up, down, idx, scores)
+
+            def stock(idx):
+                return stock_switch_glu(x, gate, up, down, idx, scores)
+
+            def reference(idx):
+                return mk.reference.switch_glu(x, gate, up, down, idx, scores)
+        else:
+            x = mx.random.normal((T * k, 1, D)).astype(dtype)
+            b = up.swapaxes(-1, -2)
+
+            def ours(idx):
+                return mk.gather_mm(x, b, rhs_indices=idx, sorted_indices=True)
+
+            def stock(idx):
+                return mx.gather_mm(x, b, rhs_indices=idx, sorted_indices=True)
+
+            def reference(idx):
+                return mk.reference.gather_mm(x, b, rhs_indices=idx)
         mx.eval(x)
         calls = 15 if T <= 64 else 5
-        # Correctness first (one routing, vs the reference).
-        idx = routings(rng, T, E, k, 1, 0)[0]
-        ours = mk.gather_mm(x, b, rhs_indices=idx, sorted_indices=True)
-        ref = mk.reference.gather_mm(x, b, rhs_indices=idx)
-        err = mx.abs(ours.astype(mx.float32) - ref.astype(mx.float32)).max().item()
-        scale = mx.abs(ref.astype(mx.float32)).max().item()
+        # Correctness first, against the reference where it fits in memory
+        # (it gathers a float32 copy of an expert per row).
+        idx = routings(rng, T, E, k, 1, 0, flat_sorted=not layer)[0]
+        rel_err = float("nan")
+        if T * k <= 512:
+            got, want = ours(idx).astype(mx.float32), reference(idx).astype(mx.float32)
+            rel_err = (mx.abs(got - want).max() / mx.abs(want).max()).item()
         ours_ms, ggml_ms, stock_ms = [], [], []
         for r in range(args.rounds):
-            index_list = routings(rng, T, E, k, 3 + calls, r * (3 + calls))
+            index_list = routings(rng, T, E, k, 3 + calls, r * (3 + calls), flat_sorted=not layer)
             mx.eval(index_list)
             # 3 warm-up calls, as ggml's harness makes.
-            ours_ms.append(time_calls(mk.gather_mm, x, b, index_list))
+            ours_ms.append(time_calls(ours, index_list))
             out = subprocess.run(
-                [binary, "up", GGML_TYPE[args.dtype], str(D), str(H), str(E), str(k),
+                [binary, args.what, GGML_TYPE[args.dtype], str(D), str(H), str(E), str(k),
                  str(args.threads), str(T)],
                 check=True, capture_output=True, text=True)
             ggml_ms.append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
             if not args.no_stock and dtype == mx.float32:
                 # Stock is slow at large T: fewer calls there.
                 stock_calls = index_list if T <= 64 else index_list[:3]
-                stock_ms.append(time_calls(mx.gather_mm, x, b, stock_calls, warmup=1))
+                stock_ms.append(time_calls(stock, stock_calls, warmup=1))
         ours_t = statistics.median(ours_ms)
         ggml_t = statistics.median(ggml_ms)
         stock_t = statistics.median(stock_ms) if stock_ms else float("nan")
         touched = len(np.unique(np.array(idx)))
-        gbs = touched * H * D * elem / (ours_t / 1e3) / 1e9
-        gflops = 2 * T * k * D * H / (ours_t / 1e3) / 1e9
-        row = dict(dtype=args.dtype, T=T, ours_ms=ours_t, ggml_ms=ggml_t, stock_ms=stock_t,
-                   vs_ggml=ggml_t / ours_t, vs_stock=stock_t / ours_t, GBps=gbs,
-                   GFLOPs=gflops, rel_err=err / scale, ours_rounds=ours_ms, ggml_rounds=ggml_ms)
+        weight_bytes = projections * touched * H * D * up.itemsize
+        gbs = weight_bytes / (ours_t / 1e3) / 1e9
+        gflops = 2 * projections * T * k * D * H / (ours_t / 1e3) / 1e9
+        row = dict(what=args.what, dtype=args.dtype, T=T, ours_ms=ours_t, ggml_ms=ggml_t,
+                   stock_ms=stock_t, vs_ggml=ggml_t / ours_t, vs_stock=stock_t / ours_t,
+                   GBps=gbs, GFLOPs=gflops, rel_err=rel_err, ours_rounds=ours_ms,
+                   ggml_rounds=ggml_ms, stock_rounds=stock_ms)
         rows.append(row)
-        print(f"{args.dtype:9s} T={T:5d} ours {ours_t:9.3f} ms  ggml {ggml_t:9.3f} ms  "
-              f"stock {stock_t:9.3f} ms  x{ggml_t / ours_t:5.2f} vs ggml  "
+        print(f"{args.what:5s} {args.dtype:9s} T={T:5d} ours {ours_t:9.3f} ms  "
+              f"ggml {ggml_t:9.3f} ms  stock {stock_t:9.3f} ms  x{ggml_t / ours_t:5.2f} vs ggml  "
               f"x{stock_t / ours_t:6.2f} vs stock  {gbs:6.1f} GB/s  {gflops:6.1f} GFLOP/s  "
-              f"err {err / scale:.1e}  rounds ours {['%.2f' % v for v in ours_ms]} "
+              f"err {rel_err:.1e}  rounds ours {['%.2f' % v for v in ours_ms]} "
               f"ggml {['%.2f' % v for v in ggml_ms]}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -148,6 +148,7 @@ void run_gather_mm(const GatherMMArguments& args) {
   pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
     kernel(problem, tasks[i]);
   });
+
 }
 
 } // namespace
