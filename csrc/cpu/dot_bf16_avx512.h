@@ -54,7 +54,7 @@ inline void dot_tile_bf16(
     if (next) {
 #pragma GCC unroll 8
       for (int c = 0; c < COLUMNS; ++c) {
-        _mm_prefetch(reinterpret_cast<const char*>(next[c] + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next[c] + k), _MM_HINT_T1);
       }
     }
 #pragma GCC unroll 8

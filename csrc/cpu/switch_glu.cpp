@@ -2,6 +2,8 @@
 // slots by expert), MoeGateUpSwiGLU and MoeDownCombine (tasks on the thread
 // pool, kernels from the best instruction-set build).
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <stdexcept>
 
 #include "mlx/allocator.h"
@@ -153,9 +155,11 @@ void MoeGateUpSwiGLU::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
       }
     }
     const auto kernel = cpu::cpu_kernels().gate_up_task;
+    auto t0 = std::chrono::steady_clock::now();
     pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
       kernel(p, tasks[i]);
     });
+    if (getenv("TIMEIT")) fprintf(stderr, "gate_up %.3f ms %zu tasks\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e3, tasks.size());
   });
 }
 
@@ -231,9 +235,11 @@ void MoeDownCombine::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
       }
     }
     const auto kernel = cpu::cpu_kernels().down_task;
+    auto t0 = std::chrono::steady_clock::now();
     pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
       kernel(p, tasks[i]);
     });
+    if (getenv("TIMEIT")) fprintf(stderr, "down %.3f ms %zu tasks\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e3, tasks.size());
   });
 }
 
