@@ -39,6 +39,7 @@ import mlx.core as mx
 import numpy as np
 
 import mlx_moe_kernels as mk
+from mlx_moe_kernels.bench import stock_switch_glu
 
 GGML_TYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
@@ -83,28 +84,6 @@ def time_calls(fn, index_list, warmup: int = 3) -> float:
         mx.eval(fn(idx))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
-
-
-def stock_switch_glu(x, gate, up, down, indices, scores):
-    """mlx-lm's SwitchGLU on mx.gather_mm (with its row sort for >= 64
-    rows), then the score-weighted sum, as mlx-lm's MoE blocks compute it."""
-    x = mx.expand_dims(x, (-2, -3))
-    do_sort = indices.size >= 64
-    idx, inv_order = indices, None
-    if do_sort:
-        flat = indices.flatten()
-        order = mx.argsort(flat)
-        inv_order = mx.argsort(order)
-        x = x.flatten(0, -3)[order // indices.shape[-1]]
-        idx = flat[order]
-    g = mx.gather_mm(x, gate.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=do_sort)
-    u = mx.gather_mm(x, up.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=do_sort)
-    h = g * mx.sigmoid(g) * u
-    y = mx.gather_mm(h, down.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=do_sort)
-    if do_sort:
-        y = mx.unflatten(y[inv_order], 0, indices.shape)
-    y = y.squeeze(-2)
-    return (y * scores[..., None]).sum(-2)
 
 
 def main() -> int:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 import mlx_moe_kernels
@@ -443,9 +444,118 @@ def gather_mm_workload(spec: CellSpec, resources: CellResources) -> Workload:
     )
 
 
+def stock_switch_glu(x, gate, up, down, indices, scores):
+    """The stock MoE layer: mlx-lm's SwitchGLU on ``mx.gather_mm`` (sorting
+    the rows by expert when there are at least 64, as mlx-lm does), then the
+    score-weighted sum over the k experts as mlx-lm's MoE blocks compute it.
+    ``x`` [T, D], ``indices`` and ``scores`` [T, k]; returns [T, D]."""
+    x = mx.expand_dims(x, (-2, -3))
+    sort_rows = indices.size >= 64
+    idx, inverse = indices, None
+    if sort_rows:
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        inverse = mx.argsort(order)
+        x = x.flatten(0, -3)[order // indices.shape[-1]]
+        idx = flat[order]
+    g = mx.gather_mm(x, gate.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sort_rows)
+    u = mx.gather_mm(x, up.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sort_rows)
+    y = mx.gather_mm(
+        nn.silu(g) * u, down.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sort_rows
+    )
+    if sort_rows:
+        y = mx.unflatten(y[inverse], 0, indices.shape)
+    return (y.squeeze(-2) * scores[..., None]).sum(-2)
+
+
+def grouped_reference_switch_glu(x, gate, up, down, indices: np.ndarray, scores):
+    """The reference MoE layer (:func:`reference.switch_glu`'s formula) with
+    each projection done per expert by :func:`grouped_reference_gather_mm`,
+    so memory stays bounded for any token count. Returns [T, D]."""
+    tokens, top_k = indices.shape
+    flat = indices.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    sorted_experts = flat[order]
+    rows = mx.take(x, mx.array((order // top_k).astype(np.uint32)), axis=0)[:, None, :]
+    g = grouped_reference_gather_mm(rows, gate.swapaxes(-1, -2), sorted_experts)
+    u = grouped_reference_gather_mm(rows, up.swapaxes(-1, -2), sorted_experts)
+    y = grouped_reference_gather_mm(nn.silu(g) * u, down.swapaxes(-1, -2), sorted_experts)
+    inverse = mx.array(np.argsort(order).astype(np.uint32))
+    y = mx.take(y[:, 0, :], inverse, axis=0).reshape(tokens, top_k, -1)
+    return (y * scores[..., None]).sum(-2)
+
+
+def switch_glu_workload(spec: CellSpec, resources: CellResources) -> Workload:
+    """The whole MoE layer: gate, up, SwiGLU, down and the score-weighted sum.
+
+    Mode ``switch_glu``. ``x`` is ``[T, D]``, gate/up ``[E, H, D]``, down
+    ``[E, D, H]``, indices the top-k experts of each token and scores their
+    softmax weights. Ours is the fused ``switch_glu(..., scores)``; stock is
+    mlx-lm's SwitchGLU on ``mx.gather_mm`` plus the weighted sum
+    (:func:`stock_switch_glu`); the reference is ``reference.switch_glu``.
+    Calls cycle through cache-cold routings (:func:`cache_cold_routings`).
+    """
+    D, H, E, k = _dims(spec.model)
+    dtype = spec.dtype
+    tokens = spec.tokens
+    itemsize = dtype.size
+    gate, up, down = resources.weights.get(
+        "gate_up_down",
+        lambda: [
+            random_expert_weights(E, H, D, dtype, 1, resources.seed)[0],
+            random_expert_weights(E, H, D, dtype, 1, resources.seed + 1)[0],
+            random_expert_weights(E, D, H, dtype, 1, resources.seed + 2)[0],
+        ],
+    )
+    if tokens == 1:
+        routings = [r.reshape(1, k) for r in cache_cold_routings(resources.rng, 1, E, k)]
+    else:
+        routings = [
+            np.argsort(resources.rng.random((tokens, E)), axis=1)[:, :k].astype(np.uint32)
+            for _ in range(ROUTINGS_PER_CELL)
+        ]
+    indices = [mx.array(routing) for routing in routings]
+    x = mx.random.normal((tokens, D), dtype=dtype, key=mx.random.key(resources.seed + 3))
+    scores = mx.softmax(
+        mx.random.normal((tokens, k), key=mx.random.key(resources.seed + 4)), axis=-1
+    ).astype(dtype)
+    mx.eval(indices, x, scores)
+
+    def call_with(op):
+        def call(call_index: int) -> mx.array:
+            return op(x, gate, up, down, indices[call_index % len(indices)], scores)
+
+        return call
+
+    gathered_bytes = 3 * tokens * k * D * H * mx.float32.size
+    too_large = gathered_bytes > REFERENCE_MAX_GATHERED_BYTES
+    distinct = float(np.mean([len(np.unique(routing)) for routing in routings]))
+    return Workload(
+        rows=tokens * k,
+        ours=call_with(mlx_moe_kernels.switch_glu),
+        stock=call_with(stock_switch_glu),
+        reference=None if too_large else call_with(reference.switch_glu),
+        expected=lambda: grouped_reference_switch_glu(
+            x, gate, up, down, routings[0], scores
+        ),
+        weight_bytes_per_call=3 * distinct * H * D * itemsize,
+        flops_per_call=6.0 * tokens * k * D * H,
+        reference_skip_reason=(
+            f"the reference gathers one float32 copy of an expert's weights per "
+            f"row; cells needing more than {_gib(REFERENCE_MAX_GATHERED_BYTES)} "
+            f"are not timed"
+            if too_large
+            else None
+        ),
+    )
+
+
 ModeFunction = Callable[[CellSpec, CellResources], Workload]
 
-MODES: Dict[str, ModeFunction] = {"gather_mm": gather_mm_workload}
+MODES: Dict[str, ModeFunction] = {
+    "switch_glu": switch_glu_workload,
+    "gather_mm": gather_mm_workload,
+}
 """Benchmark modes by name: each builds the :class:`Workload` of a cell. The
 first line of a mode function's docstring is its summary in ``--help``."""
 
@@ -456,7 +566,7 @@ def mode_summary(mode: str) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-DEFAULT_MODE = "gather_mm"
+DEFAULT_MODE = "switch_glu"
 """The mode ``mlx-moe bench`` runs when none is named."""
 
 
