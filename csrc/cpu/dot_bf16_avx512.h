@@ -108,11 +108,15 @@ void dot_bf16_all(
     int64_t num_rows,
     int64_t K,
     float* acc,
-    int64_t ldacc) {
+    int64_t ldacc,
+    const uint16_t* const* following) {
   int64_t c = 0;
   for (; c + COLUMNS <= columns; c += COLUMNS) {
-    // Prefetch the next full tile's weight rows during the first row tile.
-    const uint16_t* const* next = c + 2 * COLUMNS <= columns ? w + c + COLUMNS : nullptr;
+    // Prefetch the next full tile's weight rows during the first row tile
+    // (after the last tile: the caller's next rows, if it gave them).
+    const uint16_t* const* next = c + 2 * COLUMNS <= columns ? w + c + COLUMNS
+        : c + COLUMNS == columns                               ? following
+                                                               : nullptr;
     for (int64_t r = 0; r < num_rows; r += ROWS) {
       int rows = static_cast<int>(std::min<int64_t>(ROWS, num_rows - r));
       dot_tile_bf16_rows<COLUMNS, ROWS>(
@@ -136,15 +140,16 @@ inline void dot_bf16(
     int64_t num_rows,
     int64_t K,
     float* acc,
-    int64_t ldacc) {
+    int64_t ldacc,
+    const uint16_t* const* following) {
   // Tile shapes: 32 zmm registers; one row streams 8 weight rows at once,
   // more rows reuse each loaded weight vector (4 x 4 tile: 16 accumulators).
   if (num_rows == 1) {
-    dot_bf16_all<8, 1>(w, columns, x, num_rows, K, acc, ldacc);
+    dot_bf16_all<8, 1>(w, columns, x, num_rows, K, acc, ldacc, following);
   } else if (num_rows == 2) {
-    dot_bf16_all<6, 2>(w, columns, x, num_rows, K, acc, ldacc);
+    dot_bf16_all<6, 2>(w, columns, x, num_rows, K, acc, ldacc, following);
   } else {
-    dot_bf16_all<4, 4>(w, columns, x, num_rows, K, acc, ldacc);
+    dot_bf16_all<4, 4>(w, columns, x, num_rows, K, acc, ldacc, following);
   }
 }
 

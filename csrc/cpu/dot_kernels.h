@@ -167,12 +167,16 @@ void dot_chunk(
     int64_t num_rows,
     int64_t kc,
     float* acc,
-    int64_t ldacc) {
+    int64_t ldacc,
+    const T* const* following) {
   const int64_t k8 = kc / 8 * 8;
   int64_t c = 0;
   for (; c + COLUMNS <= columns; c += COLUMNS) {
-    // Prefetch the next full tile's weight rows during the first row tile.
-    const T* const* next = c + 2 * COLUMNS <= columns ? w + c + COLUMNS : nullptr;
+    // Prefetch the next full tile's weight rows during the first row tile
+    // (after the last tile: the caller's next rows, if it gave them).
+    const T* const* next = c + 2 * COLUMNS <= columns ? w + c + COLUMNS
+        : c + COLUMNS == columns                        ? following
+                                                        : nullptr;
     for (int64_t r = 0; r < num_rows; r += ROWS) {
       int rows = static_cast<int>(std::min<int64_t>(ROWS, num_rows - r));
       dot_tile_rows<COLUMNS, ROWS>(
@@ -211,9 +215,14 @@ void dot_chunk(
 namespace mlx_moe::cpu {
 namespace {
 
+// Most weight rows one tile reads (the widest tile of any build).
+constexpr int kMaxTileColumns = 8;
+
 // The engine's entry point (see the top of this file). x_rows[r] points at
 // row r's first element; its K elements are x_col_stride apart. The weight
-// rows' K axis must be contiguous.
+// rows' K axis must be contiguous. `following` (or null): kMaxTileColumns
+// weight rows the caller will pass next, prefetched during the last tile so
+// that a sequence of short calls (one per expert) keeps streaming.
 template <typename T>
 void dot_rows(
     const T* const* w_rows,
@@ -223,7 +232,8 @@ void dot_rows(
     int64_t num_rows,
     int64_t K,
     float* acc,
-    int64_t ldacc) {
+    int64_t ldacc,
+    const T* const* following = nullptr) {
   if (num_rows == 0 || columns == 0 || K == 0) {
     return;
   }
@@ -232,7 +242,8 @@ void dot_rows(
     if (x_col_stride == 1) {
       dot_bf16(
           reinterpret_cast<const uint16_t* const*>(w_rows), columns,
-          reinterpret_cast<const uint16_t* const*>(x_rows), num_rows, K, acc, ldacc);
+          reinterpret_cast<const uint16_t* const*>(x_rows), num_rows, K, acc, ldacc,
+          reinterpret_cast<const uint16_t* const*>(following));
       return;
     }
   }
@@ -250,11 +261,14 @@ void dot_rows(
     // prefetch on Zen 4); more rows reuse each weight vector over 2 or 4
     // rows (12 accumulators in the 3 x 4 tile).
     if (num_rows == 1) {
-      dot_chunk<4, 1>(w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc);
+      dot_chunk<4, 1>(
+          w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc, following);
     } else if (num_rows == 2) {
-      dot_chunk<4, 2>(w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc);
+      dot_chunk<4, 2>(
+          w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc, following);
     } else {
-      dot_chunk<3, 4>(w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc);
+      dot_chunk<3, 4>(
+          w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc, following);
     }
   }
 }

@@ -91,11 +91,25 @@ void down_task_typed(const SwitchGluProblem& p, const DownTask& task) {
     s.out.assign(p.tokens * columns, 0.0f);
   }
   s.w_rows.resize(columns);
-  for (int64_t e = task.expert_begin; e < task.expert_end; ++e) {
+  // The first weight rows of the next expert with slots, prefetched while
+  // the current one finishes (each expert's block is short at decode).
+  const T* following[kMaxTileColumns];
+  auto next_expert = [&](int64_t e) {
+    while (e < task.expert_end && p.expert_rows(e) == 0) {
+      ++e;
+    }
+    return e;
+  };
+  for (int64_t e = next_expert(task.expert_begin); e < task.expert_end;) {
     const int64_t begin = p.offsets[e];
     const int64_t rows = p.offsets[e + 1] - begin;
-    if (rows == 0) {
-      continue;
+    const int64_t after = next_expert(e + 1);
+    const bool prefetch_next = after < task.expert_end && columns >= kMaxTileColumns;
+    if (prefetch_next) {
+      const T* next_down = static_cast<const T*>(p.down) + after * p.down_expert_stride;
+      for (int c = 0; c < kMaxTileColumns; ++c) {
+        following[c] = next_down + (task.d_begin + c) * p.down_row_stride;
+      }
     }
     s.x_rows.resize(rows);
     for (int64_t r = 0; r < rows; ++r) {
@@ -109,7 +123,7 @@ void down_task_typed(const SwitchGluProblem& p, const DownTask& task) {
     dot_rows<T>(
         reinterpret_cast<const T* const*>(s.w_rows.data()), columns,
         reinterpret_cast<const T* const*>(s.x_rows.data()), 1, rows, p.hidden_dims,
-        s.products.data(), columns);
+        s.products.data(), columns, prefetch_next ? following : nullptr);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t slot = p.order[begin + r];
       const float* pr = s.products.data() + r * columns;
@@ -126,6 +140,7 @@ void down_task_typed(const SwitchGluProblem& p, const DownTask& task) {
         }
       }
     }
+    e = after;
   }
   if (combine) {
     for (int64_t t = 0; t < p.tokens; ++t) {
