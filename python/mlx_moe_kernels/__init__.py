@@ -1,12 +1,33 @@
 """Fast Mixture-of-Experts kernels for MLX.
 
-The public API: gather matmul for top-k expert dispatch as a custom MLX
-primitive with its own CPU kernel, and its plain-MLX reference
-(``mlx_moe_kernels.reference``).
+The public API:
+
+* ops, custom MLX primitives with their own CPU kernels: ``gather_mm``
+  (top-k expert dispatch), ``switch_glu`` (a fused SwitchGLU with the
+  optional score-weighted combine) and ``route`` (token slots grouped by
+  expert);
+* layers, drop-in for mlx-lm's: ``SwitchLinear``, ``SwitchGLU``,
+  ``SwitchMLP`` (and the ``SwiGLU`` activation);
+* ``patch`` / ``unpatch``: swap mlx-lm's ``SwitchGLU`` layers in a loaded
+  model for ours, in place;
+* ``reference``: every op in plain MLX, the oracle of the tests.
 """
 
-from mlx_moe_kernels.ops import gather_mm
+from mlx_moe_kernels.ops import gather_mm, route, switch_glu
+from mlx_moe_kernels.layers import SwiGLU, SwitchGLU, SwitchLinear, SwitchMLP
+from mlx_moe_kernels.patch import patch, unpatch
 from mlx_moe_kernels import reference
 
-__all__ = ["gather_mm", "reference"]
+__all__ = [
+    "gather_mm",
+    "switch_glu",
+    "route",
+    "SwiGLU",
+    "SwitchLinear",
+    "SwitchGLU",
+    "SwitchMLP",
+    "patch",
+    "unpatch",
+    "reference",
+]
 __version__ = "0.1.0"

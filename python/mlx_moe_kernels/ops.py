@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -61,3 +61,112 @@ def gather_mm(
     return _ext.gather_mm(
         a, b, lhs_indices, rhs_indices, sorted_indices=sorted_indices, stream=stream
     )
+
+
+def switch_glu(
+    x: mx.array,
+    gate_weight: Optional[mx.array],
+    up_weight: mx.array,
+    down_weight: mx.array,
+    indices: mx.array,
+    scores: Optional[mx.array] = None,
+    *,
+    stream: StreamOrDevice = None,
+) -> mx.array:
+    """The expert part of a Mixture-of-Experts layer in one fused op:
+    mlx-lm's ``SwitchGLU`` with SwiGLU, optionally with the score-weighted
+    combine of the ``k`` selected experts.
+
+    For every token ``t`` (a position of ``x``'s leading dimensions) and slot
+    ``j`` with expert ``e = indices[t, j]``::
+
+        h[t, j] = silu(x[t] @ gate_weight[e].T) * (x[t] @ up_weight[e].T)
+        y[t, j] = h[t, j] @ down_weight[e].T
+
+    where ``silu(g) = g * sigmoid(g)``. Without ``scores`` the result is
+    ``y`` (``[..., k, D]``, what mlx-lm's ``SwitchGLU`` returns); with
+    ``scores`` it is ``sum_j scores[t, j] * y[t, j]`` (``[..., D]``), the
+    combine of a MoE block, done inside the down projection so the
+    ``[..., k, D]`` intermediate is never written.
+
+    The products accumulate in float32; the hidden activations ``h`` are
+    rounded to the compute dtype once (mlx-lm rounds the gate, the up
+    projection and ``h`` separately), the output once at the end. The
+    tokens are grouped by expert on the device (a counting sort), so each
+    selected expert's weights are read once per call.
+
+    Args:
+        x: Inputs ``[..., D]``.
+        gate_weight: Gate projections ``[E, H, D]`` (mlx-lm's
+            ``SwitchLinear`` layout), or ``None`` when ``up_weight`` is a
+            fused gate-up weight.
+        up_weight: Up projections ``[E, H, D]``, or, with
+            ``gate_weight=None``, a fused ``[E, 2H, D]`` weight with the gate
+            rows first.
+        down_weight: Down projections ``[E, D, H]``.
+        indices: The experts of each token, ``[..., k]`` (the leading
+            dimensions of ``x``), any integer dtype, values in ``[0, E)``;
+            an expert may repeat within a token. Not differentiable.
+        scores: Optional routing weights, floating point, the shape of
+            ``indices``.
+        stream: Stream or device; on devices where this build has no
+            kernel (GPUs, for now) the op is composed from ``mx.gather_mm``.
+
+    Returns:
+        ``[..., k, D]`` without ``scores``, in the promoted dtype of ``x``
+        and the weights (float32, float16 or bfloat16); ``[..., D]`` with
+        ``scores``, in that dtype promoted with ``scores.dtype``.
+        Differentiable in ``x``, the weights and ``scores``.
+
+    Raises:
+        ValueError: (message starts with ``[switch_glu]`` and names the
+            argument) for mismatched shapes, ``k == 0`` or ``k > E``,
+            non-integer indices, non-floating scores, or inputs that promote
+            to a dtype other than float32, float16 or bfloat16.
+        IndexError: For an index outside ``[0, E)`` when the indices are
+            already computed at the call.
+        RuntimeError: For such an index in lazily computed indices, when
+            the result is evaluated (never an out-of-bounds read).
+    """
+    return _ext.switch_glu(x, gate_weight, up_weight, down_weight, indices, scores, stream=stream)
+
+
+def route(
+    indices: mx.array,
+    num_experts: int,
+    *,
+    stream: StreamOrDevice = None,
+) -> Tuple[mx.array, mx.array]:
+    """Group the token slots of a top-k routing by expert.
+
+    The slots of ``indices`` (``[..., k]``) are numbered in row-major order,
+    ``s = t * k + j``. ``order`` lists them sorted by expert, stably (slots
+    of one expert keep their order), and expert ``e``'s slots are
+    ``order[offsets[e]:offsets[e + 1]]``::
+
+        order = argsort(indices.flatten(), stable)
+        offsets[e] = number of slots with an expert < e
+
+    Computed on the device with a counting sort (histogram, prefix sum,
+    scatter): no argsort and no host synchronisation. This is the first step
+    of :func:`switch_glu`, exposed for inspection and tests.
+
+    Args:
+        indices: Expert indices, any shape, any integer dtype, values in
+            ``[0, num_experts)``.
+        num_experts: The number of experts ``E`` (positive).
+        stream: Stream or device.
+
+    Returns:
+        ``(order, offsets)``: uint32 arrays of shapes ``[indices.size]`` and
+        ``[num_experts + 1]``.
+
+    Raises:
+        ValueError: For non-integer indices or ``num_experts <= 0``.
+        IndexError: For an index outside ``[0, num_experts)`` when the
+            indices are already computed at the call.
+        RuntimeError: For such an index in lazily computed indices, when
+            the result is evaluated.
+    """
+    order, offsets = _ext.route(indices, num_experts, stream=stream)
+    return order, offsets

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 
 
 def _default_indices(x: mx.array) -> mx.array:
@@ -58,3 +59,55 @@ def gather_mm(
     if squeeze_cols:
         out = out.squeeze(-1)
     return out
+
+
+def switch_glu(
+    x: mx.array,
+    gate_weight: Optional[mx.array],
+    up_weight: mx.array,
+    down_weight: mx.array,
+    indices: mx.array,
+    scores: Optional[mx.array] = None,
+    *,
+    stream=None,
+) -> mx.array:
+    """Reference ``switch_glu``: mlx-lm's ``SwitchGLU`` (SwiGLU) followed,
+    with ``scores``, by the weighted sum of mlx-lm's Qwen MoE blocks.
+
+    Each projection is a :func:`gather_mm` of the token rows with the
+    selected experts' (transposed) weights, rounded to the compute dtype;
+    then ``silu(gate) * up`` in the compute dtype, the down projection, and
+    ``(y * scores[..., None]).sum(-2)``. Every intermediate is rounded to
+    the compute dtype, as in mlx-lm (the fused op rounds only the hidden
+    activations). Same arguments and result as
+    :func:`mlx_moe_kernels.switch_glu` (argument checking aside).
+    """
+    if gate_weight is None:  # fused gate_up [E, 2H, D], gate rows first
+        hidden_dims = up_weight.shape[1] // 2
+        gate_weight = up_weight[:, :hidden_dims, :]
+        up_weight = up_weight[:, hidden_dims:, :]
+    rows = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]: one row per token
+
+    def project(a: mx.array, weight: mx.array) -> mx.array:
+        return gather_mm(a, weight.swapaxes(-1, -2), rhs_indices=indices, stream=stream)
+
+    gate = project(rows, gate_weight)  # [..., k, 1, H]
+    up = project(rows, up_weight)
+    hidden = nn.silu(gate) * up
+    out = project(hidden, down_weight).squeeze(-2)  # [..., k, D]
+    if scores is None:
+        return out
+    return (out * scores[..., None]).sum(axis=-2)
+
+
+def route(indices: mx.array, num_experts: int, *, stream=None):
+    """Reference ``route``: the slots of ``indices`` sorted by expert with a
+    stable argsort, and each expert's range from a histogram's cumulative
+    sum. Same result as :func:`mlx_moe_kernels.route`."""
+    flat = indices.flatten().astype(mx.int64)
+    # A stable sort of the experts: break ties by slot number.
+    keys = flat * flat.size + mx.arange(flat.size, dtype=mx.int64)
+    order = mx.argsort(keys, stream=stream).astype(mx.uint32)
+    counts = (flat[:, None] == mx.arange(num_experts, dtype=mx.int64)[None, :]).sum(axis=0)
+    offsets = mx.concatenate([mx.zeros((1,), mx.int64), mx.cumsum(counts.astype(mx.int64))])
+    return order, offsets.astype(mx.uint32)

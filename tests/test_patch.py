@@ -1,0 +1,296 @@
+"""Tests of mlx_moe_kernels.patch / unpatch on tiny random mlx-lm models:
+Qwen2-MoE, Qwen3-MoE and Qwen3-VL-MoE (its text model, which mlx-lm builds
+from qwen3_moe). The patched model must give the unpatched logits (float32
+tolerance), share every expert weight, and unpatch must restore the
+original objects and logits exactly.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+import mlx_moe_kernels
+from mlx_moe_kernels import layers
+
+pytest.importorskip("mlx_lm.models.qwen3_moe")
+from mlx_lm.models import qwen2_moe, qwen3_moe, qwen3_vl_moe  # noqa: E402
+from mlx_lm.models import switch_layers  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+VOCAB = 128
+QWEN3_TEXT = dict(
+    model_type="qwen3_moe",
+    hidden_size=64,
+    num_hidden_layers=3,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+    decoder_sparse_step=1,
+    mlp_only_layers=[1],  # layer 1 is a dense MLP: 2 MoE layers of 3
+    moe_intermediate_size=32,
+    rms_norm_eps=1e-6,
+    vocab_size=VOCAB,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    max_position_embeddings=256,
+    norm_topk_prob=True,
+)
+QWEN2 = dict(
+    model_type="qwen2_moe",
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    rms_norm_eps=1e-6,
+    vocab_size=VOCAB,
+)
+ARCHS = ["qwen2_moe", "qwen3_moe", "qwen3_moe_unnormalised", "qwen3_vl_moe"]
+# The number of SwitchGLU (MoE) layers in each tiny model.
+MOE_LAYERS = {"qwen2_moe": 2, "qwen3_moe": 2, "qwen3_moe_unnormalised": 2, "qwen3_vl_moe": 2}
+
+
+def build_model(arch: str, seed: int = 0) -> nn.Module:
+    """A tiny mlx-lm model with random, evaluated float32 weights."""
+    mx.random.seed(seed)
+    if arch == "qwen2_moe":
+        model = qwen2_moe.Model(qwen2_moe.ModelArgs.from_dict(QWEN2))
+    elif arch == "qwen3_moe":
+        model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(QWEN3_TEXT))
+    elif arch == "qwen3_moe_unnormalised":  # top-k scores not renormalised
+        model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict({**QWEN3_TEXT, "norm_topk_prob": False}))
+    elif arch == "qwen3_vl_moe":  # text model only; mlx-lm builds no vision tower
+        args = qwen3_vl_moe.ModelArgs(model_type="qwen3_vl_moe", text_config=dict(QWEN3_TEXT))
+        model = qwen3_vl_moe.Model(args)
+    else:
+        raise ValueError(arch)
+    # Routers with larger weights, so that routing is decisive (no near-ties
+    # that float rounding could flip) and scores are not all equal.
+    for block in sparse_blocks(model):
+        block.gate.weight = block.gate.weight * 8
+    mx.eval(model.parameters())
+    return model
+
+
+def sparse_blocks(model: nn.Module):
+    return [m for _, m in model.named_modules() if "switch_mlp" in m]
+
+
+def prompt(batch: int = 2, length: int = 37, seed: int = 1) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, VOCAB, (batch, length)))
+
+
+def logits(model: nn.Module, tokens: mx.array) -> np.ndarray:
+    out = model(tokens)
+    mx.eval(out)
+    return np.array(out.astype(mx.float32))
+
+
+def assert_logits_close(got: np.ndarray, expected: np.ndarray, rtol: float):
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * scale)
+
+
+# ============================================================= patch
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patched_logits_match(build, arch):
+    model = build_model(arch)
+    tokens = prompt()  # 74 tokens: mlx-lm's SwitchGLU sorts (>= 64 slots)
+    before = logits(model, tokens)
+    blocks = sparse_blocks(model)
+    original_classes = [type(b) for b in blocks]
+    original_experts = [b.switch_mlp for b in blocks]
+
+    assert mlx_moe_kernels.patch(model) == MOE_LAYERS[arch]
+    for block, cls, theirs in zip(blocks, original_classes, original_experts):
+        ours = block.switch_mlp
+        assert type(ours) is layers.SwitchGLU and ours.uses_fused_kernel()
+        assert isinstance(block, cls) and type(block) is not cls  # the fused subclass
+        assert ours.activation is theirs.activation
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            assert ours[name].weight is theirs[name].weight  # shared, not copied
+    assert_logits_close(logits(model, tokens), before, rtol=1e-4)
+    decode = prompt(1, 1, seed=3)  # a single token
+    unpatched = build_model(arch)
+    assert_logits_close(logits(model, decode), logits(unpatched, decode), rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unpatch_restores_exactly(build, arch):
+    model = build_model(arch)
+    tokens = prompt()
+    before = logits(model, tokens)
+    blocks = sparse_blocks(model)
+    original = [(type(b), b.switch_mlp) for b in blocks]
+    mlx_moe_kernels.patch(model)
+    assert mlx_moe_kernels.unpatch(model) == MOE_LAYERS[arch]
+    for block, (cls, experts) in zip(blocks, original):
+        assert type(block) is cls
+        assert block.switch_mlp is experts
+        assert type(experts.gate_proj) is switch_layers.SwitchLinear
+    np.testing.assert_array_equal(logits(model, tokens), before)
+    assert mlx_moe_kernels.unpatch(model) == 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
+def test_patch_twice_is_a_no_op(build, arch):
+    model = build_model(arch)
+    tokens = prompt(1, 9)
+    assert mlx_moe_kernels.patch(model) == MOE_LAYERS[arch]
+    once = logits(model, tokens)
+    classes = [type(b) for b in sparse_blocks(model)]
+    experts = [b.switch_mlp for b in sparse_blocks(model)]
+    assert mlx_moe_kernels.patch(model) == 0
+    assert [type(b) for b in sparse_blocks(model)] == classes
+    assert [b.switch_mlp for b in sparse_blocks(model)] == experts
+    np.testing.assert_array_equal(logits(model, tokens), once)
+    assert mlx_moe_kernels.unpatch(model) == MOE_LAYERS[arch]
+    assert all(type(b.switch_mlp) is switch_layers.SwitchGLU for b in sparse_blocks(model))
+
+
+def test_parameters_unchanged(build):
+    """The same parameter names, shapes and arrays: checkpoints load the
+    same before and after patching."""
+    model = build_model("qwen3_moe")
+    before = tree_flatten(model.parameters())
+    mlx_moe_kernels.patch(model)
+    after = tree_flatten(model.parameters())
+    assert [n for n, _ in after] == [n for n, _ in before]
+    assert all(a is b for (_, a), (_, b) in zip(after, before))
+
+
+def test_quantized_model_is_left_alone(build):
+    model = build_model("qwen3_moe")
+    nn.quantize(model, group_size=32, bits=4)
+    tokens = prompt(1, 11)
+    before = logits(model, tokens)
+    classes = [type(m) for _, m in model.named_modules()]
+    assert mlx_moe_kernels.patch(model) == 0
+    assert [type(m) for _, m in model.named_modules()] == classes
+    np.testing.assert_array_equal(logits(model, tokens), before)
+
+
+def test_quantize_after_patch(build):
+    """nn.quantize on a patched model quantizes our SwitchLinear layers too
+    (into mlx-lm's QuantizedSwitchLinear); the model then gives what the
+    quantized unpatched model gives."""
+    reference_model, model = build_model("qwen3_moe"), build_model("qwen3_moe")
+    mlx_moe_kernels.patch(model)
+    nn.quantize(reference_model, group_size=32, bits=4)
+    nn.quantize(model, group_size=32, bits=4)
+    experts = sparse_blocks(model)[0].switch_mlp
+    assert type(experts) is layers.SwitchGLU
+    assert type(experts.up_proj) is switch_layers.QuantizedSwitchLinear
+    tokens = prompt(1, 11)
+    assert_logits_close(logits(model, tokens), logits(reference_model, tokens), rtol=1e-4)
+
+
+def test_fuse_combine_off(build):
+    """fuse_combine=False replaces the SwitchGLU layers but keeps mlx-lm's
+    block classes (and their weighted sum)."""
+    model = build_model("qwen2_moe")
+    tokens = prompt(1, 13)
+    before = logits(model, tokens)
+    assert mlx_moe_kernels.patch(model, fuse_combine=False) == MOE_LAYERS["qwen2_moe"]
+    assert all(type(b) is qwen2_moe.Qwen2MoeSparseMoeBlock for b in sparse_blocks(model))
+    assert_logits_close(logits(model, tokens), before, rtol=1e-4)
+
+
+def test_patch_a_single_block(build):
+    """A MoE block passed on its own: its SwitchGLU is replaced and its
+    combine fused."""
+    model = build_model("qwen3_moe")
+    block = sparse_blocks(model)[0]
+    x = mx.random.normal((3, 5, 64))
+    expected = block(x)
+    assert mlx_moe_kernels.patch(block) == 1
+    assert type(block) is not qwen3_moe.Qwen3MoeSparseMoeBlock
+    np.testing.assert_allclose(np.array(block(x)), np.array(expected), rtol=1e-4, atol=1e-5)
+    assert mlx_moe_kernels.unpatch(block) == 1
+    assert type(block) is qwen3_moe.Qwen3MoeSparseMoeBlock
+
+
+def test_decode_with_kv_cache(build):
+    """Prompt then token-by-token decoding through mlx-lm's KV cache."""
+    reference_model, model = build_model("qwen3_moe"), build_model("qwen3_moe")
+    mlx_moe_kernels.patch(model)
+    caches = make_prompt_cache(reference_model), make_prompt_cache(model)
+    tokens = prompt(1, 10, seed=5)
+    for step in range(3):
+        expected = reference_model(tokens, cache=caches[0])
+        got = model(tokens, cache=caches[1])
+        assert_logits_close(np.array(got), np.array(expected), rtol=1e-4)
+        tokens = mx.argmax(expected[:, -1:], axis=-1)
+
+
+def test_training_through_patched_model(build):
+    """Gradients of a language-model loss wrt every parameter match the
+    unpatched model's; frozen parameters stay frozen."""
+    reference_model, model = build_model("qwen2_moe"), build_model("qwen2_moe")
+    mlx_moe_kernels.patch(model)
+    tokens = prompt(2, 12, seed=6)
+
+    def loss(m, inputs):
+        out = m(inputs[:, :-1])
+        return nn.losses.cross_entropy(out, inputs[:, 1:]).mean()
+
+    value, grads = nn.value_and_grad(model, loss)(model, tokens)
+    ref_value, ref_grads = nn.value_and_grad(reference_model, loss)(reference_model, tokens)
+    np.testing.assert_allclose(value.item(), ref_value.item(), rtol=1e-5)
+    flat, ref_flat = tree_flatten(grads), tree_flatten(ref_grads)
+    assert [n for n, _ in flat] == [n for n, _ in ref_flat]
+    for (name, g), (_, r) in zip(flat, ref_flat):
+        expected = np.array(r)
+        np.testing.assert_allclose(
+            np.array(g), expected, rtol=1e-3, atol=1e-3 * max(np.abs(expected).max(), 1e-6), err_msg=name
+        )
+    expert_grads = [n for n, _ in flat if ".switch_mlp." in n]
+    assert len(expert_grads) == 3 * MOE_LAYERS["qwen2_moe"]
+
+    frozen = build_model("qwen2_moe")
+    frozen.freeze()
+    mlx_moe_kernels.patch(frozen)
+    assert tree_flatten(frozen.trainable_parameters()) == []
+
+
+def test_unpatch_keeps_updated_weights(build):
+    """Weights changed after patching (training, load_weights) are what the
+    restored mlx-lm layers hold."""
+    model = build_model("qwen3_moe")
+    mlx_moe_kernels.patch(model)
+    model.update(tree_map(lambda p: p * 1.5, model.parameters()))
+    tokens = prompt(1, 9)
+    patched = logits(model, tokens)
+    new_weights = tree_flatten(model.parameters())
+    mlx_moe_kernels.unpatch(model)
+    assert all(a is b for (_, a), (_, b) in zip(tree_flatten(model.parameters()), new_weights))
+    assert_logits_close(logits(model, tokens), patched, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "dtype,rtol", [(mx.float16, 5e-3), (mx.bfloat16, 3e-2)], ids=["f16", "bf16"]
+)
+def test_half_precision_model(build, dtype, rtol):
+    """A half-precision patched model runs on the CPU (stock mx.gather_mm
+    supports only float32 there) and approximates the unpatched float32
+    model holding the same (rounded) weights."""
+    model = build_model("qwen3_moe")
+    model.set_dtype(dtype)
+    reference_model = build_model("qwen3_moe")
+    reference_model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
+    mlx_moe_kernels.patch(model)
+    tokens = prompt(1, 16)
+    got = logits(model, tokens)
+    assert model(tokens).dtype == dtype
+    assert_logits_close(got, logits(reference_model, tokens), rtol=rtol)
