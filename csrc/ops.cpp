@@ -5,7 +5,6 @@
 #include <stdexcept>
 
 #include "primitives.h"
-#include "mlx/transforms.h"
 #include <functional>
 #include <string>
 #include <tuple>
@@ -201,9 +200,8 @@ namespace mlx_moe {
 
 namespace {
 
-// The SwitchGLU as a composition of gather matmuls and MLX ops, mlx-lm's
-// formula: the gradient path of the fused op (MLX differentiates it), and
-// its fallback on devices without our kernels (with MLX's own gather_mm).
+// The SwitchGLU as a composition of MLX's gather matmuls and ops, mlx-lm's
+// formula: the fallback on devices without our kernels.
 // x [T, D], gate/up [E, H, D], down [E, D, H], indices [T, k] uint32,
 // scores [T, k] or none. Returns [T, D] with scores, else [T, k, D].
 mx::array switch_glu_composed(
@@ -213,7 +211,6 @@ mx::array switch_glu_composed(
     const mx::array& down,
     const mx::array& indices,
     const std::optional<mx::array>& scores,
-    bool use_mlx_gather_mm,
     const mx::Stream& s) {
   const int tokens = x.shape(0);
   const int top_k = indices.shape(1);
@@ -221,8 +218,7 @@ mx::array switch_glu_composed(
                     const mx::array& weight,
                     std::optional<mx::array> lhs) {
     auto b = mx::swapaxes(weight, -1, -2, s);
-    return use_mlx_gather_mm ? mx::gather_mm(a, b, lhs, indices, false, s)
-                             : mlx_moe::gather_mm(a, b, lhs, indices, false, s);
+    return mx::gather_mm(a, b, lhs, indices, false, s);
   };
   auto rows = mx::expand_dims(x, 1, s); // [T, 1, D]
   auto token_of_slot = mx::broadcast_to(
@@ -259,9 +255,9 @@ std::pair<mx::array, mx::array> route(mx::array indices, int num_experts, mx::St
   auto idx = checked_uint32_indices(indices, num_experts, "route", "indices", stream);
   idx = mx::flatten(idx, stream);
   auto outputs = mx::array::make_arrays(
-      {{static_cast<int>(idx.size())}, {num_experts + 1}},
-      {mx::uint32, mx::uint32},
-      std::make_shared<MoeRoute>(stream, num_experts),
+      {{static_cast<int>(idx.size())}, {num_experts + 1}, {static_cast<int>(idx.size())}},
+      {mx::uint32, mx::uint32, mx::uint32},
+      std::make_shared<MoeRoute>(stream, num_experts, "route"),
       {idx});
   return {outputs[0], outputs[1]};
 }
@@ -402,81 +398,32 @@ mx::array switch_glu(
 
   if (!has_kernels_for(stream)) {
     auto [xs, gate, up, down, ids, sc] = unpack(inputs);
-    return finish(switch_glu_composed(xs, gate, up, down, ids, sc, true, stream));
+    return finish(switch_glu_composed(xs, gate, up, down, ids, sc, stream));
   }
 
-  auto forward = [unpack, stream, top_k, num_experts, tokens, model_dims, hidden_dims, dtype,
-                  has_scores](const std::vector<mx::array>& in) -> std::vector<mx::array> {
-    auto [xs, gate, up, down, ids, sc] = unpack(in);
-    auto routed = mx::array::make_arrays(
-        {{tokens * top_k}, {num_experts + 1}},
-        {mx::uint32, mx::uint32},
-        std::make_shared<MoeRoute>(stream, num_experts),
-        {ids});
-    auto hidden = mx::array(
-        {tokens * top_k, hidden_dims},
-        dtype,
-        std::make_shared<MoeGateUpSwiGLU>(stream, top_k),
-        {xs, gate, up, routed[0], routed[1]});
-    std::vector<mx::array> down_inputs{hidden, down, routed[0], routed[1]};
-    if (sc) {
-      down_inputs.push_back(*sc);
-    }
-    mx::Shape out_shape = has_scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
-    return {mx::array(
-        std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k),
-        std::move(down_inputs))};
-  };
-  auto backward = [unpack, stream](
-                      const std::vector<mx::array>& primals,
-                      const std::vector<mx::array>& cotangents,
-                      const std::vector<mx::array>&) {
-    // Differentiate the composition (recomputing the forward products with
-    // our gather_mm); indices get a zero cotangent (they are discrete).
-    std::vector<int> index_positions;
-    auto composed = [&](const std::vector<mx::array>& in) -> std::vector<mx::array> {
-      auto [xs, gate, up, down, ids, sc] = unpack(in);
-      auto y = switch_glu_composed(xs, gate, up, down, ids, sc, false, stream);
-      if (!sc) {
-        y = mx::reshape(y, {-1, y.shape(-1)}, stream);
-      }
-      return {y};
-    };
-    std::vector<int> argnums;
-    for (int i = 0; i < static_cast<int>(primals.size()); ++i) {
-      if (mx::issubdtype(primals[i].dtype(), mx::floating)) {
-        argnums.push_back(i);
-      }
-    }
-    auto [outs, grads] = mx::vjp(
-        [&](const std::vector<mx::array>& in) {
-          std::vector<mx::array> full = primals;
-          for (size_t j = 0; j < argnums.size(); ++j) {
-            full[argnums[j]] = in[j];
-          }
-          return composed(full);
-        },
-        [&] {
-          std::vector<mx::array> diff;
-          for (int i : argnums) {
-            diff.push_back(primals[i]);
-          }
-          return diff;
-        }(),
-        cotangents);
-    std::vector<mx::array> result;
-    size_t next = 0;
-    for (int i = 0; i < static_cast<int>(primals.size()); ++i) {
-      if (next < argnums.size() && argnums[next] == i) {
-        result.push_back(grads[next++]);
-      } else {
-        result.push_back(mx::zeros_like(primals[i], stream));
-      }
-    }
-    return result;
-  };
-  auto fused_op = mx::custom_vjp(forward, backward);
-  return finish(fused_op(inputs)[0]);
+  // Route once; both fused kernels read the same routing. Each primitive
+  // carries its own vjp (primitives.cpp), so the graph also works under
+  // mx.compile(shapeless=True).
+  auto [xs, gate, up, down, ids, sc] = unpack(inputs);
+  auto routed = mx::array::make_arrays(
+      {{tokens * top_k}, {num_experts + 1}, {tokens * top_k}},
+      {mx::uint32, mx::uint32, mx::uint32},
+      std::make_shared<MoeRoute>(stream, num_experts, "switch_glu"),
+      {ids});
+  auto hidden = mx::array(
+      {tokens * top_k, hidden_dims},
+      dtype,
+      std::make_shared<MoeGateUpSwiGLU>(stream, top_k),
+      {xs, gate, up, routed[0], routed[1], routed[2]});
+  std::vector<mx::array> down_inputs{hidden, down, routed[0], routed[1], routed[2]};
+  if (sc) {
+    down_inputs.push_back(*sc);
+  }
+  mx::Shape out_shape =
+      has_scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
+  return finish(mx::array(
+      std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k),
+      std::move(down_inputs)));
 }
 
 } // namespace mlx_moe

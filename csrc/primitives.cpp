@@ -102,7 +102,8 @@ std::vector<mx::array> GatherMM::vjp(
 }
 
 std::vector<mx::Shape> MoeRoute::output_shapes(const std::vector<mx::array>& inputs) {
-  return {{static_cast<int>(inputs[0].size())}, {num_experts_ + 1}};
+  const int slots = static_cast<int>(inputs[0].size());
+  return {{slots}, {num_experts_ + 1}, {slots}};
 }
 
 bool MoeRoute::is_equivalent(const mx::Primitive& other) const {
@@ -120,7 +121,7 @@ bool MoeGateUpSwiGLU::is_equivalent(const mx::Primitive& other) const {
 std::vector<mx::Shape> MoeDownCombine::output_shapes(const std::vector<mx::array>& inputs) {
   const int slots = inputs[0].shape(0);
   const int model_dims = inputs[1].shape(1);
-  if (inputs.size() > 4) {
+  if (inputs.size() > 5) {
     return {{slots / top_k_, model_dims}};
   }
   return {{slots, model_dims}};
@@ -128,6 +129,155 @@ std::vector<mx::Shape> MoeDownCombine::output_shapes(const std::vector<mx::array
 
 bool MoeDownCombine::is_equivalent(const mx::Primitive& other) const {
   return top_k_ == static_cast<const MoeDownCombine&>(other).top_k_;
+}
+
+namespace {
+
+// Segment e of the expert-sorted rows: [offsets[e], offsets[e + 1]).
+mx::array expert_segments(const mx::array& offsets, const mx::Stream& s) {
+  const int num_experts = offsets.shape(0) - 1;
+  return mx::stack(
+      {mx::slice(offsets, {0}, {num_experts}, s), mx::slice(offsets, {1}, {num_experts + 1}, s)},
+      -1,
+      s);
+}
+
+// sum over the rows r of each expert e of left[r]^T right[r]: [E, N, M] for
+// left [S, N] and right [S, M] in expert-sorted order.
+mx::array per_expert_outer_sum(
+    const mx::array& left,
+    const mx::array& right,
+    const mx::array& offsets,
+    const mx::Stream& s) {
+  return mx::segmented_mm(
+      mx::transpose(left, {1, 0}, s), right, expert_segments(offsets, s), s);
+}
+
+void no_index_gradient(int arg, int first_index_input, const char* op) {
+  if (arg >= first_index_input) {
+    throw std::invalid_argument(
+        std::string("[") + op + "] Cannot calculate VJP with respect to the routing indices.");
+  }
+}
+
+} // namespace
+
+// Gradients of hidden[i] = silu(g_i) * u_i, g_i = x[t_i] @ gate[e_i]^T,
+// u_i = x[t_i] @ up[e_i]^T (i in expert-sorted order), with dh = d hidden:
+//   dg = dh * u * silu'(g),  du = dh * silu(g);
+//   d x[t]     += dg_i @ gate[e_i] + du_i @ up[e_i]   (scatter-add over t);
+//   d gate[e]   = sum_{i in e} dg_i^T x[t_i]          (one segmented matmul);
+//   d up[e]     = sum_{i in e} du_i^T x[t_i].
+// g and u are recomputed with our gather_mm.
+std::vector<mx::array> MoeGateUpSwiGLU::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  const auto s = stream();
+  const auto& x = primals[0];
+  const auto& gate = primals[1];
+  const auto& up = primals[2];
+  const auto& order = primals[3];
+  const auto& offsets = primals[4];
+  const auto& sorted_experts = primals[5];
+  const int slots = order.shape(0);
+  const int hidden_dims = gate.shape(1);
+  auto tokens_of = mx::floor_divide(order, mx::array(static_cast<uint32_t>(top_k_)), s);
+  auto rows = mx::take(x, tokens_of, 0, s); // [S, D]
+  auto rows3 = mx::expand_dims(rows, 1, s);
+  auto project = [&](const mx::array& w) {
+    return mx::reshape(
+        mlx_moe::gather_mm(rows3, mx::swapaxes(w, -1, -2, s), std::nullopt, sorted_experts, true, s),
+        {slots, hidden_dims}, s);
+  };
+  auto g = project(gate);
+  auto u = project(up);
+  auto sig = mx::sigmoid(g, s);
+  auto silu_g = mx::multiply(g, sig, s);
+  // silu'(g) = sig * (1 + g * (1 - sig))
+  auto dsilu = mx::multiply(
+      sig, mx::add(mx::array(1.0f, g.dtype()), mx::multiply(g, mx::subtract(mx::array(1.0f, g.dtype()), sig, s), s), s), s);
+  const auto& dh = cotangents[0];
+  auto dg = mx::multiply(mx::multiply(dh, u, s), dsilu, s);
+  auto du = mx::multiply(dh, silu_g, s);
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    no_index_gradient(arg, 3, "switch_glu");
+    if (arg == 0) {
+      auto back = [&](const mx::array& d, const mx::array& w) {
+        return mlx_moe::gather_mm(mx::expand_dims(d, 1, s), w, std::nullopt, sorted_experts, true, s);
+      };
+      auto dx_rows = mx::add(back(dg, gate), back(du, up), s); // [S, 1, D]
+      grads.push_back(mx::scatter_add(mx::zeros_like(x, s), tokens_of, dx_rows, 0, s));
+    } else {
+      const auto& d = arg == 1 ? dg : du;
+      grads.push_back(mx::astype(per_expert_outer_sum(d, rows, offsets, s), primals[arg].dtype(), s));
+    }
+  }
+  return grads;
+}
+
+// Gradients of y_i = hidden_i @ down[e_i]^T (i in expert-sorted order) and of
+// out[t] = sum_{i of t} score_i * y_i (or out[slot_i] = y_i without scores):
+//   dy_i        = score_i * d out[t_i]  (or d out[slot_i]);
+//   d hidden_i  = dy_i @ down[e_i];
+//   d down[e]   = sum_{i in e} dy_i^T hidden_i;
+//   d score_i   = y_i . d out[t_i]  (y recomputed with our gather_mm).
+std::vector<mx::array> MoeDownCombine::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  const auto s = stream();
+  const auto& hidden = primals[0];
+  const auto& down = primals[1];
+  const auto& order = primals[2];
+  const auto& offsets = primals[3];
+  const auto& sorted_experts = primals[4];
+  const bool combine = primals.size() > 5;
+  const auto& d_out = cotangents[0];
+  const int slots = order.shape(0);
+  const int model_dims = down.shape(1);
+  std::optional<mx::array> d_out_rows; // d out at each sorted position's row
+  std::optional<mx::array> scores_sorted;
+  mx::array dy = mx::array(0.0f);
+  if (combine) {
+    auto tokens_of = mx::floor_divide(order, mx::array(static_cast<uint32_t>(top_k_)), s);
+    d_out_rows = mx::take(d_out, tokens_of, 0, s); // [S, D]
+    scores_sorted = mx::take(mx::flatten(primals[5], s), order, 0, s); // [S]
+    dy = mx::astype(
+        mx::multiply(*d_out_rows, mx::expand_dims(*scores_sorted, 1, s), s), hidden.dtype(), s);
+  } else {
+    dy = mx::take(d_out, order, 0, s);
+  }
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == 5 && combine) {
+      auto y = mx::reshape(
+          mlx_moe::gather_mm(
+              mx::expand_dims(hidden, 1, s), mx::swapaxes(down, -1, -2, s), std::nullopt,
+              sorted_experts, true, s),
+          {slots, model_dims}, s);
+      auto d_score_sorted = mx::sum(
+          mx::multiply(mx::astype(y, mx::float32, s), mx::astype(*d_out_rows, mx::float32, s), s),
+          -1, false, s);
+      // Back from sorted positions to slots: order is a permutation.
+      auto d_scores = mx::scatter(
+          mx::zeros({slots}, mx::float32, s), order, mx::expand_dims(d_score_sorted, 1, s), 0, s);
+      grads.push_back(mx::reshape(d_scores, primals[5].shape(), s));
+      continue;
+    }
+    no_index_gradient(arg, 2, "switch_glu");
+    if (arg == 0) {
+      grads.push_back(mx::reshape(
+          mlx_moe::gather_mm(mx::expand_dims(dy, 1, s), down, std::nullopt, sorted_experts, true, s),
+          hidden.shape(), s));
+    } else {
+      grads.push_back(mx::astype(per_expert_outer_sum(dy, hidden, offsets, s), down.dtype(), s));
+    }
+  }
+  return grads;
 }
 
 // No GPU kernels in this build yet: the ops fall back to MLX's own

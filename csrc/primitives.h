@@ -3,6 +3,8 @@
 // per primitive family, same names across backends).
 #pragma once
 
+#include <string>
+
 #include "mlx/primitives.h"
 
 namespace mlx_moe {
@@ -44,14 +46,16 @@ class GatherMM : public mx::UnaryPrimitive {
 };
 
 // Routing of a MoE layer: groups the (token, slot) pairs by expert with a
-// counting sort. Input: indices [T, k] uint32. Outputs: order [T * k]
-// uint32, the slots s = t * k + j sorted by expert (stable), and offsets
-// [E + 1] uint32, expert e's slots being order[offsets[e] .. offsets[e + 1]).
-// Not differentiable (indices are discrete).
+// counting sort. Input: indices [T, k] uint32. Outputs, all uint32: order
+// [T * k], the slots s = t * k + j sorted by expert (stable); offsets
+// [E + 1], expert e's slots being order[offsets[e] .. offsets[e + 1]); and
+// sorted_experts [T * k], the expert of each sorted position (what the
+// gradients need). Not differentiable (indices are discrete). `op` names
+// the calling op in error messages.
 class MoeRoute : public mx::Primitive {
  public:
-  MoeRoute(mx::Stream stream, int num_experts)
-      : mx::Primitive(stream), num_experts_(num_experts) {}
+  MoeRoute(mx::Stream stream, int num_experts, std::string op)
+      : mx::Primitive(stream), num_experts_(num_experts), op_(std::move(op)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -63,19 +67,25 @@ class MoeRoute : public mx::Primitive {
 
  private:
   int num_experts_;
+  std::string op_;
 };
 
 // Gate and up projections with SwiGLU, fused: for every routed slot, in
 // expert-sorted order i, hidden[i] = silu(x[t] @ gate[e]^T) * (x[t] @
 // up[e]^T). Inputs: x [T, D], gate [E, H, D], up [E, H, D] (last axis
 // contiguous; gate and up may be two views of one fused [E, 2H, D] weight),
-// order, offsets (MoeRoute). Output: hidden [T * k, H].
+// order, offsets, sorted_experts (MoeRoute). Output: hidden [T * k, H].
 class MoeGateUpSwiGLU : public mx::UnaryPrimitive {
  public:
   MoeGateUpSwiGLU(mx::Stream stream, int top_k) : mx::UnaryPrimitive(stream), top_k_(top_k) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
   bool is_equivalent(const mx::Primitive& other) const override;
   const char* name() const override {
@@ -88,15 +98,20 @@ class MoeGateUpSwiGLU : public mx::UnaryPrimitive {
 
 // Down projection with the routing-score combine, fused: out[t] = sum_j
 // scores[t, j] * (hidden[i(t, j)] @ down[e(t, j)]^T). Inputs: hidden
-// [T * k, H] in sorted order, down [E, D, H], order, offsets, and optionally
-// scores [T, k] float32. Output: [T, D] with scores; without, every slot's
-// own row, [T * k, D] in slot order.
+// [T * k, H] in sorted order, down [E, D, H], order, offsets,
+// sorted_experts, and optionally scores [T, k] float32. Output: [T, D] with
+// scores; without, every slot's own row, [T * k, D] in slot order.
 class MoeDownCombine : public mx::UnaryPrimitive {
  public:
   MoeDownCombine(mx::Stream stream, int top_k) : mx::UnaryPrimitive(stream), top_k_(top_k) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
   bool is_equivalent(const mx::Primitive& other) const override;
   const char* name() const override {

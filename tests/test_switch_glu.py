@@ -421,12 +421,6 @@ def test_compile_matches_eager(build):
     assert_same(compiled(q.x, q.indices, q.scores), f(q.x, q.indices, q.scores))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="switch_glu is built on mx::custom_vjp, whose CustomTransforms primitive "
-    "cannot infer output shapes, so shapeless compilation fails (reported)",
-)
 def test_compile_shapeless_varying_tokens(build):
     p = make_problem(1, 2, 8, mx.float32, seed=18)
     compiled = mx.compile(lambda x, i, s: switch_glu(x, p.gate, p.up, p.down, i, s), shapeless=True)
@@ -491,12 +485,6 @@ _LAZY_OUT_OF_RANGE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="C++ bug (reported): when MoeRoute rejects a lazy index, its task throws "
-    "before writing order/offsets, and the gate-up and down tasks already queued on "
-    "the stream still run on those uninitialised buffers: segfaults or hangs",
-)
 def test_out_of_range_lazy_raises_at_eval(build):
     """Lazily computed indices are checked by the kernel: evaluating raises
     a RuntimeError naming them (never reads out of bounds), every time, and

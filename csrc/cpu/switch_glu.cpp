@@ -61,25 +61,37 @@ int64_t block_width(int64_t columns, int64_t blocks) {
 
 void MoeRoute::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const mx::array& indices = inputs[0];
-  mx::array& order = outputs[0];
-  mx::array& offsets = outputs[1];
-  order.set_data(mx::allocator::malloc(order.nbytes()));
-  offsets.set_data(mx::allocator::malloc(offsets.nbytes()));
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
   auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.set_input_array(indices);
-  encoder.set_output_array(order);
-  encoder.set_output_array(offsets);
+  for (auto& out : outputs) {
+    encoder.set_output_array(out);
+  }
   encoder.dispatch([data = indices.data<uint32_t>(),
                     shape = indices.shape(),
                     strides = indices.strides(),
                     count = static_cast<int64_t>(indices.size()),
                     num_experts = num_experts_,
-                    order_out = order.data<uint32_t>(),
-                    offsets_out = offsets.data<uint32_t>()]() {
-    std::vector<uint32_t> experts = read_indices(
-        data, shape, strides, count, num_experts, "[switch_glu] indices", "the number of experts");
+                    what = "[" + op_ + "] indices",
+                    order = outputs[0].data<uint32_t>(),
+                    offsets = outputs[1].data<uint32_t>(),
+                    sorted_experts = outputs[2].data<uint32_t>()]() {
+    std::vector<uint32_t> experts;
+    try {
+      experts = read_indices(
+          data, shape, strides, count, num_experts, what.c_str(), "the number of experts");
+    } catch (...) {
+      // The kernels queued after this one still run: hand them an empty
+      // routing (no expert has rows) so they read nothing, then report.
+      std::fill(offsets, offsets + num_experts + 1, 0u);
+      std::fill(order, order + count, 0u);
+      std::fill(sorted_experts, sorted_experts + count, 0u);
+      throw;
+    }
     // Counting sort, as in routing.h, with the offsets of every expert
-    // (empty ones included) as the second output.
+    // (empty ones included) as an output.
     std::vector<uint32_t> next(num_experts + 1, 0);
     for (uint32_t e : experts) {
       ++next[e + 1];
@@ -87,9 +99,12 @@ void MoeRoute::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
     for (int e = 0; e < num_experts; ++e) {
       next[e + 1] += next[e];
     }
-    std::copy(next.begin(), next.end(), offsets_out);
+    std::copy(next.begin(), next.end(), offsets);
+    for (int e = 0; e < num_experts; ++e) {
+      std::fill(sorted_experts + next[e], sorted_experts + next[e + 1], static_cast<uint32_t>(e));
+    }
     for (int64_t slot = 0; slot < count; ++slot) {
-      order_out[next[experts[slot]]++] = static_cast<uint32_t>(slot);
+      order[next[experts[slot]]++] = static_cast<uint32_t>(slot);
     }
   });
 }
@@ -168,7 +183,7 @@ void MoeDownCombine::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
   const mx::array& down = inputs[1];
   const mx::array& order = inputs[2];
   const mx::array& offsets = inputs[3];
-  const bool combine = inputs.size() > 4;
+  const bool combine = inputs.size() > 5;
   require_unit_last_stride(hidden, "hidden");
   require_unit_last_stride(down, "down weight");
   if (hidden.strides()[0] != hidden.shape(1) && hidden.shape(0) > 1) {
@@ -190,7 +205,7 @@ void MoeDownCombine::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
   p.offsets = offsets.data<uint32_t>();
   p.hidden = const_cast<void*>(hidden.data<void>());
   if (combine) {
-    const mx::array& scores = inputs[4];
+    const mx::array& scores = inputs[5];
     if (!scores.flags().row_contiguous || scores.dtype() != mx::float32) {
       throw std::logic_error("[switch_glu] internal: scores must be contiguous float32.");
     }
