@@ -18,8 +18,11 @@ the previous calls did not touch (disjoint sets over a permutation of the
 experts); for larger T the routing is re-drawn every call. The weights of
 all E experts (hundreds of MB) exceed the 32 MB L3.
 
-Interleaving: rounds of (ours, ggml, stock) per T; the reported figure for
-each is the median over rounds of each round's median.
+Interleaving: rounds of (ours, ggml, stock) per T, the order of ours and
+ggml alternating between rounds (this machine's memory bandwidth drifts by
+up to 2x over seconds, so only paired figures compare); the reported time of
+each is the median over rounds of each round's median, and the speedup
+"x vs ggml" is the median of the per-round ratios.
 
 usage: python benchmarks/vs_ggml.py [--dtype float32] [--tokens 1,64,1024]
        [--rounds 3] [--ggml PATH] [--json FILE]
@@ -91,7 +94,7 @@ def main() -> int:
     parser.add_argument("--what", default="up", choices=["up", "layer"])
     parser.add_argument("--dtype", default="float32", choices=sorted(GGML_TYPE))
     parser.add_argument("--tokens", default="1,64,1024")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--ggml", default=None)
     parser.add_argument("--no-stock", action="store_true")
@@ -152,31 +155,38 @@ def main() -> int:
         for r in range(args.rounds):
             index_list = routings(rng, T, E, k, 3 + calls, r * (3 + calls), flat_sorted=not layer)
             mx.eval(index_list)
+            def run_ggml():
+                out = subprocess.run(
+                    [binary, args.what, GGML_TYPE[args.dtype], str(D), str(H), str(E), str(k),
+                     str(args.threads), str(T)],
+                    check=True, capture_output=True, text=True)
+                ggml_ms.append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
+
+            if r % 2:
+                run_ggml()
             # 3 warm-up calls, as ggml's harness makes.
             ours_ms.append(time_calls(ours, index_list))
-            out = subprocess.run(
-                [binary, args.what, GGML_TYPE[args.dtype], str(D), str(H), str(E), str(k),
-                 str(args.threads), str(T)],
-                check=True, capture_output=True, text=True)
-            ggml_ms.append(json.loads(out.stdout.strip().splitlines()[-1])["ms"])
+            if r % 2 == 0:
+                run_ggml()
             if not args.no_stock and dtype == mx.float32:
                 # Stock is slow at large T: fewer calls there.
                 stock_calls = index_list if T <= 64 else index_list[:3]
                 stock_ms.append(time_calls(stock, stock_calls, warmup=1))
         ours_t = statistics.median(ours_ms)
         ggml_t = statistics.median(ggml_ms)
+        paired = statistics.median(g / o for g, o in zip(ggml_ms, ours_ms))
         stock_t = statistics.median(stock_ms) if stock_ms else float("nan")
         touched = len(np.unique(np.array(idx)))
         weight_bytes = projections * touched * H * D * up.itemsize
         gbs = weight_bytes / (ours_t / 1e3) / 1e9
         gflops = 2 * projections * T * k * D * H / (ours_t / 1e3) / 1e9
         row = dict(what=args.what, dtype=args.dtype, T=T, ours_ms=ours_t, ggml_ms=ggml_t,
-                   stock_ms=stock_t, vs_ggml=ggml_t / ours_t, vs_stock=stock_t / ours_t,
+                   stock_ms=stock_t, vs_ggml=paired, vs_stock=stock_t / ours_t,
                    GBps=gbs, GFLOPs=gflops, rel_err=rel_err, ours_rounds=ours_ms,
                    ggml_rounds=ggml_ms, stock_rounds=stock_ms)
         rows.append(row)
         print(f"{args.what:5s} {args.dtype:9s} T={T:5d} ours {ours_t:9.3f} ms  "
-              f"ggml {ggml_t:9.3f} ms  stock {stock_t:9.3f} ms  x{ggml_t / ours_t:5.2f} vs ggml  "
+              f"ggml {ggml_t:9.3f} ms  stock {stock_t:9.3f} ms  x{paired:5.2f} vs ggml  "
               f"x{stock_t / ours_t:6.2f} vs stock  {gbs:6.1f} GB/s  {gflops:6.1f} GFLOP/s  "
               f"err {rel_err:.1e}  rounds ours {['%.2f' % v for v in ours_ms]} "
               f"ggml {['%.2f' % v for v in ggml_ms]}", flush=True)
