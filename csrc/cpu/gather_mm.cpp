@@ -11,6 +11,7 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 
+#include "cpu/element_type.h"
 #include "cpu/gather_mm_problem.h"
 #include "cpu/indices.h"
 #include "cpu/kernels.h"
@@ -57,20 +58,6 @@ std::vector<cpu::GatherMMTask> make_tasks(
     }
   }
   return tasks;
-}
-
-ElementType element_type(mx::Dtype dtype) {
-  if (dtype == mx::float32) {
-    return ElementType::float32;
-  }
-  if (dtype == mx::float16) {
-    return ElementType::float16;
-  }
-  if (dtype == mx::bfloat16) {
-    return ElementType::bfloat16;
-  }
-  throw std::invalid_argument(
-      "[gather_mm] The CPU kernel supports float32, float16 and bfloat16.");
 }
 
 // Everything the CPU task needs from the arrays, captured by value.
@@ -161,7 +148,7 @@ void GatherMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
 
   GatherMMArguments args{
-      element_type(out.dtype()),
+      cpu::element_type(out.dtype(), "gather_mm"),
       a.data<void>(),
       a.shape(),
       a.strides(),

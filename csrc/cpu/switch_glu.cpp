@@ -7,6 +7,7 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 
+#include "cpu/element_type.h"
 #include "cpu/gather_mm_problem.h"
 #include "cpu/indices.h"
 #include "cpu/kernels.h"
@@ -18,19 +19,6 @@
 namespace mlx_moe {
 
 namespace {
-
-cpu::ElementType element_type(mx::Dtype dtype) {
-  if (dtype == mx::float32) {
-    return cpu::ElementType::float32;
-  }
-  if (dtype == mx::float16) {
-    return cpu::ElementType::float16;
-  }
-  if (dtype == mx::bfloat16) {
-    return cpu::ElementType::bfloat16;
-  }
-  throw std::invalid_argument("[switch_glu] The CPU kernel supports float32, float16 and bfloat16.");
-}
 
 // The ops hand the kernels weights whose last axis is contiguous (they make
 // them so with mx::contiguous); a violation is a bug, not bad user input.
@@ -124,7 +112,7 @@ void MoeGateUpSwiGLU::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   out.set_data(mx::allocator::malloc(out.nbytes()));
 
   cpu::SwitchGluProblem p;
-  p.dtype = element_type(out.dtype());
+  p.dtype = cpu::element_type(out.dtype(), "switch_glu");
   p.tokens = x.shape(0);
   p.top_k = top_k_;
   p.model_dims = x.shape(1);
@@ -192,7 +180,7 @@ void MoeDownCombine::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
   out.set_data(mx::allocator::malloc(out.nbytes()));
 
   cpu::SwitchGluProblem p;
-  p.dtype = element_type(out.dtype());
+  p.dtype = cpu::element_type(out.dtype(), "switch_glu");
   p.top_k = top_k_;
   p.tokens = hidden.shape(0) / top_k_;
   p.model_dims = down.shape(1);
