@@ -10,13 +10,20 @@ The public API:
   ``SwitchMLP`` (and the ``SwiGLU`` activation);
 * ``patch`` / ``unpatch``: swap mlx-lm's ``SwitchGLU`` layers in a loaded
   model for ours, in place;
-* ``reference``: every op in plain MLX, the oracle of the tests.
+* ``reference``: every op in plain MLX, the oracle of the tests;
+* ``models``: Qwen2-MoE, Qwen3-MoE and Qwen3-VL-MoE (text) definitions on
+  our layers; ``load_model`` reads a local Hugging Face checkpoint folder
+  into them; ``stream_generate`` / ``load_tokenizer`` generate text (see
+  :mod:`mlx_moe_kernels.generate`).
 """
 
 from mlx_moe_kernels.ops import gather_mm, route, switch_glu
 from mlx_moe_kernels.layers import SwiGLU, SwitchGLU, SwitchLinear, SwitchMLP
 from mlx_moe_kernels.patch import patch, unpatch
 from mlx_moe_kernels import reference
+from mlx_moe_kernels import models
+from mlx_moe_kernels.loading import load_model
+from mlx_moe_kernels.generate import load_tokenizer, stream_generate
 
 __all__ = [
     "gather_mm",
@@ -29,5 +36,9 @@ __all__ = [
     "patch",
     "unpatch",
     "reference",
+    "models",
+    "load_model",
+    "load_tokenizer",
+    "stream_generate",
 ]
 __version__ = "0.1.0"

@@ -2,6 +2,9 @@
 
 ``mlx-moe bench`` times our kernels against MLX's stock ops and the plain-MLX
 reference on real MoE model shapes (see :mod:`mlx_moe_kernels.bench`).
+``mlx-moe generate`` generates text from a local checkpoint folder with our
+model definitions (see :mod:`mlx_moe_kernels.generate`), optionally side by
+side with the stock (unfused) path.
 """
 
 from __future__ import annotations
@@ -209,7 +212,137 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not show the progress bar",
     )
     bench_parser.set_defaults(handler=_run_bench, command_parser=bench_parser)
+
+    generate_parser = commands.add_parser(
+        "generate",
+        help="generate text from a local checkpoint folder",
+        description=_wrap(
+            "Load a Qwen2-MoE, Qwen3-MoE or Qwen3-VL-MoE (text) checkpoint folder "
+            "(config.json, model.safetensors or a sharded index, tokenizer.json) "
+            "with our model definitions, stream the completion of a prompt and "
+            "print prompt and generation speed. With --compare, also run the stock "
+            "path (mlx-lm's model class with its unfused SwitchGLU if mlx-lm is "
+            "installed and supports the config, else our model with the "
+            "plain-MLX reference experts) and print its speeds and the largest "
+            "logit difference over the prompt."
+        ),
+    )
+    generate_parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder")
+    generate_parser.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt (raw text)")
+    generate_parser.add_argument(
+        "--max-tokens", type=_positive_int, default=100, metavar="N",
+        help="most tokens to generate (default: 100)",
+    )
+    generate_parser.add_argument(
+        "--temp", type=float, default=0.0, metavar="T", help="sampling temperature; 0 is greedy (default: 0)"
+    )
+    generate_parser.add_argument(
+        "--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default: 1, off)"
+    )
+    generate_parser.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"],
+        help="cast the weights to this dtype (default: as stored)",
+    )
+    generate_parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    generate_parser.add_argument(
+        "--compare", action="store_true", help="also run the stock path and compare speed and logits"
+    )
+    generate_parser.set_defaults(handler=_run_generate, command_parser=generate_parser)
     return parser
+
+
+def _stock_model(model, config):
+    """The stock path for ``--compare``: (model, description). mlx-lm's
+    class of the same architecture holding our model's weight arrays (the
+    parameter names are the same), or, if mlx-lm is missing or cannot
+    represent the config, our own model with the reference experts (the
+    caller switches it with ``set_fused``)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_moe_kernels.loading import hub_style_config
+
+    model_type = config["model_type"]
+    hub = hub_style_config(config)
+    # mlx-lm's Qwen2-MoE ignores these fields; it would compute another model.
+    if model_type == "qwen2_moe" and (
+        hub.get("norm_topk_prob") or hub.get("decoder_sparse_step", 1) != 1
+        or hub.get("mlp_only_layers") or hub.get("tie_word_embeddings")
+    ):
+        return None, "our model with the plain-MLX reference experts (mlx-lm's qwen2_moe cannot represent this config)"
+    try:
+        import importlib
+
+        arch = importlib.import_module(f"mlx_lm.models.{model_type}")
+        stock = arch.Model(arch.ModelArgs.from_dict(hub))
+        stock.load_weights(tree_flatten(model.parameters()), strict=True)
+        stock.eval()
+        return stock, f"mlx-lm's mlx_lm.models.{model_type} (stock SwitchGLU on mx.gather_mm)"
+    except Exception as error:  # ImportError, or a config/weights mlx-lm does not take
+        return None, f"our model with the plain-MLX reference experts (mlx-lm unavailable: {error})"
+
+
+def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from mlx_moe_kernels.generate import eos_token_ids, load_tokenizer, stream_generate
+    from mlx_moe_kernels.loading import load_model
+
+    if args.temp < 0 or not 0.0 < args.top_p <= 1.0:
+        parser.error("--temp must be >= 0 and --top-p in (0, 1]")
+    try:
+        model, config = load_model(args.model, dtype=args.dtype)
+        tokenizer = load_tokenizer(args.model)
+        eos_ids = eos_token_ids(config, args.model)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        parser.error(str(error))
+    prompt = tokenizer.encode(args.prompt).ids
+    if not prompt:
+        parser.error("the prompt encodes to no tokens")
+    options = dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, eos_ids=eos_ids)
+
+    def run(which, label, echo):
+        mx.random.seed(args.seed)
+        last = None
+        for chunk in stream_generate(which, tokenizer, prompt, **options):
+            if echo:
+                print(chunk.text, end="", flush=True)
+            last = chunk
+        if echo:
+            print()
+        print(
+            f"{label}: prompt {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s; "
+            f"generation {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s"
+            f" ({last.finish_reason})"
+        )
+
+    print(args.prompt, end="", flush=True)
+    run(model, "ours", echo=True)
+    if args.compare:
+        stock, description = _stock_model(model, config)
+        tokens = mx.array([prompt], dtype=mx.uint32)
+
+        def compare(stock_model):
+            run(stock_model, "stock", echo=False)
+            stock_logits = stock_model(tokens).astype(mx.float32)
+            model.set_fused(True)
+            ours_logits = model(tokens).astype(mx.float32)
+            return mx.abs(ours_logits - stock_logits).max().item()
+
+        print(f"stock: {description}")
+        difference = None
+        try:
+            if stock is not None:
+                try:
+                    difference = compare(stock)
+                except RuntimeError as error:
+                    # e.g. MLX's CPU gather_mm supports float32 only.
+                    print(f"stock: mlx-lm's model failed ({error}); "
+                          "using our model with the plain-MLX reference experts instead")
+            if difference is None:
+                model.set_fused(False)
+                difference = compare(model)
+        finally:
+            model.set_fused(True)
+        print(f"max |logit difference| over the prompt ({len(prompt)} tokens): {difference:.3g}")
+    return EXIT_OK
 
 
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
