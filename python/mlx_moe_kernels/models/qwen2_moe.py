@@ -68,6 +68,7 @@ class ModelArgs(BaseModelArgs):
     rope_theta: float = 1000000.0
     rope_scaling: Optional[Dict[str, Any]] = None
     tie_word_embeddings: bool = False
+    qkv_bias: bool = True  # transformers' Qwen2MoeConfig field; Qwen2 checkpoints have biases
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: List[int] = field(default_factory=list)
@@ -125,7 +126,7 @@ class Qwen2MoeDecoderLayer(nn.Module):
             args.num_key_value_heads,
             head_dim,
             make_rope(head_dim, args.rope_theta, args.rope_scaling),
-            qkv_bias=True,
+            qkv_bias=args.qkv_bias,
             qk_norm=False,
             rms_norm_eps=args.rms_norm_eps,
         )

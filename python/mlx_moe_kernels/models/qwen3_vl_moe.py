@@ -37,8 +37,10 @@ from mlx_moe_kernels.models.base import BaseModelArgs
 @dataclass
 class ModelArgs(BaseModelArgs):
     """Qwen3-VL-MoE config: the ``text_config`` dict is what the model uses
-    (the vision config is ignored). ``tie_word_embeddings`` is read from
-    ``text_config`` or, failing that, the top level."""
+    (the vision config is ignored). ``tie_word_embeddings`` is the top-level
+    flag, as transformers' Qwen3VLMoeForConditionalGeneration reads it (a
+    ``text_config`` value is ignored: transformers' own default config
+    writes top ``false`` with text ``true`` and saves an untied head)."""
 
     model_type: str
     text_config: dict
@@ -47,7 +49,7 @@ class ModelArgs(BaseModelArgs):
     def text_args(self) -> qwen3_moe.ModelArgs:
         """The Qwen3-MoE arguments of the language model."""
         text = dict(self.text_config)
-        text.setdefault("tie_word_embeddings", self.tie_word_embeddings)
+        text["tie_word_embeddings"] = self.tie_word_embeddings
         text.setdefault("model_type", "qwen3_moe")
         return qwen3_moe.ModelArgs.from_dict(text)
 
