@@ -78,21 +78,9 @@ void MoeRoute::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
       std::fill(sorted_experts, sorted_experts + count, 0u);
       throw;
     }
-    // Counting sort, as in routing.h, with the offsets of every expert
-    // (empty ones included) as an output.
-    std::vector<uint32_t> next(num_experts + 1, 0);
-    for (uint32_t e : experts) {
-      ++next[e + 1];
-    }
+    cpu::sort_by_expert(experts.data(), count, num_experts, order, offsets);
     for (int e = 0; e < num_experts; ++e) {
-      next[e + 1] += next[e];
-    }
-    std::copy(next.begin(), next.end(), offsets);
-    for (int e = 0; e < num_experts; ++e) {
-      std::fill(sorted_experts + next[e], sorted_experts + next[e + 1], static_cast<uint32_t>(e));
-    }
-    for (int64_t slot = 0; slot < count; ++slot) {
-      order[next[experts[slot]]++] = static_cast<uint32_t>(slot);
+      std::fill(sorted_experts + offsets[e], sorted_experts + offsets[e + 1], static_cast<uint32_t>(e));
     }
   });
 }
