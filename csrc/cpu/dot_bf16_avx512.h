@@ -161,8 +161,8 @@ namespace mlx_moe::cpu {
 namespace {
 
 // float32 / float16 weights against float32 activation rows with 16-lane
-// (zmm) FMAs: the AVX-512 build's counterpart of dot_kernels.h's 8-lane
-// tiles (32 registers allow a 4 x 4 tile), with masked loads for the K tail.
+// (zmm) FMAs: the AVX-512 build's tile policy for dot_kernels.h's dot_chunk
+// (32 registers allow a 4 x 4 tile), with masked loads for the K tail.
 inline __m512 load16(const float* p, __mmask16 mask) {
   return _mm512_maskz_loadu_ps(mask, p);
 }
@@ -170,115 +170,65 @@ inline __m512 load16(const Float16Bits* p, __mmask16 mask) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
 }
 
-template <int COLUMNS, int ROWS, typename T>
-inline void dot_tile_zmm(
-    const T* const* w,
-    int64_t k0,
-    const float* x,
-    int64_t ldx,
-    int64_t kc,
-    float* out,
-    int64_t ldo,
-    const T* const* next) {
-  __m512 acc[COLUMNS][ROWS];
-#pragma GCC unroll 8
-  for (int c = 0; c < COLUMNS; ++c) {
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      acc[c][r] = _mm512_setzero_ps();
-    }
-  }
-  auto step = [&](int64_t k, __mmask16 mask) {
-    __m512 wv[COLUMNS];
-#pragma GCC unroll 8
+struct Lanes16Tile {
+  static constexpr bool kHandlesTail = true;
+  static constexpr int64_t kLanes = 16;
+
+  template <int COLUMNS, int ROWS, typename T>
+  static inline void run(
+      const T* const* w,
+      int64_t k0,
+      const float* x,
+      int64_t ldx,
+      int64_t kc,
+      float* out,
+      int64_t ldo,
+      const T* const* next) {
+    __m512 acc[COLUMNS][ROWS];
+  #pragma GCC unroll 8
     for (int c = 0; c < COLUMNS; ++c) {
-      wv[c] = load16(w[c] + k0 + k, mask);
-    }
-    if (next) {
-#pragma GCC unroll 8
-      for (int c = 0; c < COLUMNS; ++c) {
-        _mm_prefetch(reinterpret_cast<const char*>(next[c] + k0 + k), _MM_HINT_T1);
+  #pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        acc[c][r] = _mm512_setzero_ps();
       }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * ldx + k);
-#pragma GCC unroll 8
+    auto step = [&](int64_t k, __mmask16 mask) {
+      __m512 wv[COLUMNS];
+  #pragma GCC unroll 8
       for (int c = 0; c < COLUMNS; ++c) {
-        acc[c][r] = _mm512_fmadd_ps(wv[c], xv, acc[c][r]);
+        wv[c] = load16(w[c] + k0 + k, mask);
+      }
+      if (next) {
+  #pragma GCC unroll 8
+        for (int c = 0; c < COLUMNS; ++c) {
+          _mm_prefetch(reinterpret_cast<const char*>(next[c] + k0 + k), _MM_HINT_T1);
+        }
+      }
+  #pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * ldx + k);
+  #pragma GCC unroll 8
+        for (int c = 0; c < COLUMNS; ++c) {
+          acc[c][r] = _mm512_fmadd_ps(wv[c], xv, acc[c][r]);
+        }
+      }
+    };
+    const int64_t k16 = kc / 16 * 16;
+    for (int64_t k = 0; k < k16; k += 16) {
+      step(k, ~__mmask16(0));
+    }
+    if (k16 < kc) {
+      step(k16, (__mmask16(1) << (kc - k16)) - 1);
+    }
+  #pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+  #pragma GCC unroll 8
+      for (int c = 0; c < COLUMNS; ++c) {
+        out[r * ldo + c] += _mm512_reduce_add_ps(acc[c][r]);
       }
     }
-  };
-  const int64_t k16 = kc / 16 * 16;
-  for (int64_t k = 0; k < k16; k += 16) {
-    step(k, ~__mmask16(0));
   }
-  if (k16 < kc) {
-    step(k16, (__mmask16(1) << (kc - k16)) - 1);
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 8
-    for (int c = 0; c < COLUMNS; ++c) {
-      out[r * ldo + c] += _mm512_reduce_add_ps(acc[c][r]);
-    }
-  }
-}
-
-template <int COLUMNS, int MAX_ROWS, typename T>
-inline void dot_tile_zmm_rows(
-    int rows,
-    const T* const* w,
-    int64_t k0,
-    const float* x,
-    int64_t ldx,
-    int64_t kc,
-    float* out,
-    int64_t ldo,
-    const T* const* next) {
-  if constexpr (MAX_ROWS >= 1) {
-    if (rows == MAX_ROWS) {
-      dot_tile_zmm<COLUMNS, MAX_ROWS>(w, k0, x, ldx, kc, out, ldo, next);
-    } else {
-      dot_tile_zmm_rows<COLUMNS, MAX_ROWS - 1>(rows, w, k0, x, ldx, kc, out, ldo, next);
-    }
-  }
-}
-
-// One K-chunk over all rows and columns (the zmm counterpart of dot_chunk).
-template <int COLUMNS, int ROWS, typename T>
-void dot_chunk_zmm(
-    const T* const* w,
-    int64_t columns,
-    int64_t k0,
-    const float* x,
-    int64_t ldx,
-    int64_t num_rows,
-    int64_t kc,
-    float* acc,
-    int64_t ldacc,
-    const T* const* following) {
-  int64_t c = 0;
-  for (; c + COLUMNS <= columns; c += COLUMNS) {
-    const T* const* next = c + 2 * COLUMNS <= columns ? w + c + COLUMNS
-        : c + COLUMNS == columns                        ? following
-                                                        : nullptr;
-    for (int64_t r = 0; r < num_rows; r += ROWS) {
-      int rows = static_cast<int>(std::min<int64_t>(ROWS, num_rows - r));
-      dot_tile_zmm_rows<COLUMNS, ROWS>(
-          rows, w + c, k0, x + r * ldx, ldx, kc, acc + r * ldacc + c, ldacc,
-          r == 0 ? next : nullptr);
-    }
-  }
-  for (; c < columns; ++c) {
-    for (int64_t r = 0; r < num_rows; r += ROWS) {
-      int rows = static_cast<int>(std::min<int64_t>(ROWS, num_rows - r));
-      dot_tile_zmm_rows<1, ROWS>(
-          rows, w + c, k0, x + r * ldx, ldx, kc, acc + r * ldacc + c, ldacc,
-          static_cast<const T* const*>(nullptr));
-    }
-  }
-}
+};
 
 } // namespace
 } // namespace mlx_moe::cpu

@@ -81,83 +81,94 @@ void load_rows(
   }
 }
 
-// One register tile: out[r * ldo + c] += sum_{k < k8} w[c][k0 + k] *
-// x[r * ldx + k] (k8 a multiple of 8). `next` (or null): the weight rows the
-// next tile reads, prefetched in step with this one so their streams are in
-// flight when it starts (a tile reads only a few KB per weight row, too
-// short for the hardware prefetcher to ramp up on its own).
-template <int COLUMNS, int ROWS, typename T>
-inline void dot_tile(
-    const T* const* w,
-    int64_t k0,
-    const float* x,
-    int64_t ldx,
-    int64_t k8,
-    float* out,
-    int64_t ldo,
-    const T* const* next) {
-  Vec8 acc[COLUMNS][ROWS];
-  const T* wp[COLUMNS];
-#pragma GCC unroll 8
-  for (int c = 0; c < COLUMNS; ++c) {
-    wp[c] = w[c] + k0;
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      acc[c][r] = zero();
-    }
-  }
-  for (int64_t k = 0; k < k8; k += 8) {
-    Vec8 wv[COLUMNS];
-#pragma GCC unroll 8
-    for (int c = 0; c < COLUMNS; ++c) {
-      wv[c] = load(wp[c] + k);
-    }
-    if (next) {
-#pragma GCC unroll 8
-      for (int c = 0; c < COLUMNS; ++c) {
-        prefetch(next[c] + k0 + k);
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      Vec8 xv = load(x + r * ldx + k);
-#pragma GCC unroll 8
-      for (int c = 0; c < COLUMNS; ++c) {
-        acc[c][r] = fma(wv[c], xv, acc[c][r]);
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 8
-    for (int c = 0; c < COLUMNS; ++c) {
-      out[r * ldo + c] += horizontal_sum(acc[c][r]);
-    }
-  }
-}
+// Tile policies for dot_chunk. Tile::run<COLUMNS, ROWS> computes one
+// register tile: out[r * ldo + c] += sum_{k < kc} w[c][k0 + k] *
+// x[r * ldx + k]. `next` (or null): the weight rows the next tile reads,
+// prefetched in step with this one so their streams are in flight when it
+// starts (a tile reads only a few KB per weight row, too short for the
+// hardware prefetcher to ramp up on its own).
+//
+// The 8-lane tile (simd.h): `kc` must be a multiple of 8 (dot_chunk adds
+// the K tail itself).
+struct Lanes8Tile {
+  static constexpr bool kHandlesTail = false;
+  static constexpr int64_t kLanes = 8;
 
-template <int COLUMNS, int MAX_ROWS, typename T>
-inline void dot_tile_rows(
+  template <int COLUMNS, int ROWS, typename T>
+  static inline void run(
+      const T* const* w,
+      int64_t k0,
+      const float* x,
+      int64_t ldx,
+      int64_t kc,
+      float* out,
+      int64_t ldo,
+      const T* const* next) {
+    Vec8 acc[COLUMNS][ROWS];
+    const T* wp[COLUMNS];
+  #pragma GCC unroll 8
+    for (int c = 0; c < COLUMNS; ++c) {
+      wp[c] = w[c] + k0;
+  #pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        acc[c][r] = zero();
+      }
+    }
+    for (int64_t k = 0; k < kc; k += 8) {
+      Vec8 wv[COLUMNS];
+  #pragma GCC unroll 8
+      for (int c = 0; c < COLUMNS; ++c) {
+        wv[c] = load(wp[c] + k);
+      }
+      if (next) {
+  #pragma GCC unroll 8
+        for (int c = 0; c < COLUMNS; ++c) {
+          prefetch(next[c] + k0 + k);
+        }
+      }
+  #pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        Vec8 xv = load(x + r * ldx + k);
+  #pragma GCC unroll 8
+        for (int c = 0; c < COLUMNS; ++c) {
+          acc[c][r] = fma(wv[c], xv, acc[c][r]);
+        }
+      }
+    }
+  #pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+  #pragma GCC unroll 8
+      for (int c = 0; c < COLUMNS; ++c) {
+        out[r * ldo + c] += horizontal_sum(acc[c][r]);
+      }
+    }
+  }
+};
+
+// Runs Tile's COLUMNS x rows tile for a runtime rows <= MAX_ROWS.
+template <class Tile, int COLUMNS, int MAX_ROWS, typename T>
+inline void tile_rows(
     int rows,
     const T* const* w,
     int64_t k0,
     const float* x,
     int64_t ldx,
-    int64_t k8,
+    int64_t kc,
     float* out,
     int64_t ldo,
     const T* const* next) {
   if constexpr (MAX_ROWS >= 1) {
     if (rows == MAX_ROWS) {
-      dot_tile<COLUMNS, MAX_ROWS>(w, k0, x, ldx, k8, out, ldo, next);
+      Tile::template run<COLUMNS, MAX_ROWS>(w, k0, x, ldx, kc, out, ldo, next);
     } else {
-      dot_tile_rows<COLUMNS, MAX_ROWS - 1>(rows, w, k0, x, ldx, k8, out, ldo, next);
+      tile_rows<Tile, COLUMNS, MAX_ROWS - 1>(rows, w, k0, x, ldx, kc, out, ldo, next);
     }
   }
 }
 
-// One K-chunk over all rows and columns with COLUMNS x ROWS tiles.
-template <int COLUMNS, int ROWS, typename T>
+// One K-chunk over all rows and columns with Tile's COLUMNS x ROWS tiles
+// (Lanes8Tile here; the AVX-512 build adds Lanes16Tile).
+template <class Tile, int COLUMNS, int ROWS, typename T>
 void dot_chunk(
     const T* const* w,
     int64_t columns,
@@ -169,7 +180,9 @@ void dot_chunk(
     float* acc,
     int64_t ldacc,
     const T* const* following) {
-  const int64_t k8 = kc / 8 * 8;
+  // Tiles without masked loads get a multiple of their lanes; the rest of
+  // K is added below.
+  const int64_t k_tiles = Tile::kHandlesTail ? kc : kc / Tile::kLanes * Tile::kLanes;
   int64_t c = 0;
   for (; c + COLUMNS <= columns; c += COLUMNS) {
     // Prefetch the next full tile's weight rows during the first row tile
@@ -179,24 +192,24 @@ void dot_chunk(
                                                         : nullptr;
     for (int64_t r = 0; r < num_rows; r += ROWS) {
       int rows = static_cast<int>(std::min<int64_t>(ROWS, num_rows - r));
-      dot_tile_rows<COLUMNS, ROWS>(
-          rows, w + c, k0, x + r * ldx, ldx, k8, acc + r * ldacc + c, ldacc,
+      tile_rows<Tile, COLUMNS, ROWS>(
+          rows, w + c, k0, x + r * ldx, ldx, k_tiles, acc + r * ldacc + c, ldacc,
           r == 0 ? next : nullptr);
     }
   }
   for (; c < columns; ++c) {
     for (int64_t r = 0; r < num_rows; r += ROWS) {
       int rows = static_cast<int>(std::min<int64_t>(ROWS, num_rows - r));
-      dot_tile_rows<1, ROWS>(
-          rows, w + c, k0, x + r * ldx, ldx, k8, acc + r * ldacc + c, ldacc,
+      tile_rows<Tile, 1, ROWS>(
+          rows, w + c, k0, x + r * ldx, ldx, k_tiles, acc + r * ldacc + c, ldacc,
           static_cast<const T* const*>(nullptr));
     }
   }
-  if (k8 < kc) {
+  if (k_tiles < kc) {
     for (int64_t r = 0; r < num_rows; ++r) {
       for (int64_t cc = 0; cc < columns; ++cc) {
         float s = 0.0f;
-        for (int64_t k = k8; k < kc; ++k) {
+        for (int64_t k = k_tiles; k < kc; ++k) {
           s += to_float(w[cc][k0 + k]) * x[r * ldx + k];
         }
         acc[r * ldacc + cc] += s;
@@ -263,13 +276,13 @@ void dot_rows(
     // lane width, so a token's result does not depend on its batch.
     if constexpr (!std::is_same_v<T, BFloat16Bits>) {
       if (num_rows == 1) {
-        dot_chunk_zmm<4, 1>(
+        dot_chunk<Lanes16Tile, 4, 1>(
             w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc, following);
       } else if (num_rows == 2) {
-        dot_chunk_zmm<4, 2>(
+        dot_chunk<Lanes16Tile, 4, 2>(
             w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc, following);
       } else {
-        dot_chunk_zmm<4, 4>(
+        dot_chunk<Lanes16Tile, 4, 4>(
             w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc, following);
       }
       continue;
@@ -280,13 +293,13 @@ void dot_rows(
     // prefetch on Zen 4); more rows reuse each weight vector over 2 or 4
     // rows (12 accumulators in the 3 x 4 tile).
     if (num_rows == 1) {
-      dot_chunk<4, 1>(
+      dot_chunk<Lanes8Tile, 4, 1>(
           w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc, following);
     } else if (num_rows == 2) {
-      dot_chunk<4, 2>(
+      dot_chunk<Lanes8Tile, 4, 2>(
           w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc, following);
     } else {
-      dot_chunk<3, 4>(
+      dot_chunk<Lanes8Tile, 3, 4>(
           w_rows, columns, k0, s.rows.data(), ldx, num_rows, kc, acc, ldacc, following);
     }
   }
