@@ -3,6 +3,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 
 #include "ops.h"
 
@@ -23,6 +24,24 @@ NB_MODULE(_ext, m) {
       "sorted_indices"_a = false,
       "stream"_a = nb::none(),
       "Gather matmul with the semantics of mx.gather_mm (see mlx_moe_kernels.gather_mm).");
+
+  m.def(
+      "gather_qmm",
+      &mlx_moe::gather_qmm,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a = nb::none(),
+      "lhs_indices"_a = nb::none(),
+      "rhs_indices"_a = nb::none(),
+      "transpose"_a = true,
+      "group_size"_a = nb::none(),
+      "bits"_a = nb::none(),
+      "mode"_a = "affine",
+      nb::kw_only(),
+      "sorted_indices"_a = false,
+      "stream"_a = nb::none(),
+      "Quantized gather matmul with the semantics of mx.gather_qmm (see mlx_moe_kernels.gather_qmm).");
 
   m.def(
       "switch_glu",

@@ -98,17 +98,18 @@ mx::array indices_or_default(
     const std::optional<mx::array>& indices,
     const mx::array& x,
     const char* name,
-    const mx::Stream& s) {
+    const mx::Stream& s,
+    const char* op = "gather_mm") {
   if (x.ndim() < 2) {
     std::ostringstream msg;
-    msg << "[gather_mm] Input must have at least two dimensions but got input with shape "
+    msg << "[" << op << "] Input must have at least two dimensions but got input with shape "
         << x.shape() << ".";
     throw std::invalid_argument(msg.str());
   }
   int64_t batch = std::accumulate(
       x.shape().begin(), x.shape().end() - 2, int64_t{1}, std::multiplies<int64_t>());
   if (indices.has_value()) {
-    return checked_uint32_indices(*indices, batch, "gather_mm", name, s);
+    return checked_uint32_indices(*indices, batch, op, name, s);
   }
   mx::Shape shape(x.shape().begin(), x.shape().end() - 2);
   return mx::reshape(mx::arange(static_cast<double>(batch), mx::uint32, s), shape, s);
@@ -192,6 +193,197 @@ mx::array gather_mm(
     axes.push_back(out.ndim() - 1);
   }
   return axes.empty() ? out : mx::squeeze(out, axes, stream);
+}
+
+} // namespace mlx_moe
+
+namespace mlx_moe {
+
+namespace {
+
+[[noreturn]] void quantized_error(const std::string& message) {
+  throw std::invalid_argument("[gather_qmm] " + message);
+}
+
+std::string shape_text(const mx::Shape& shape) {
+  std::ostringstream out;
+  out << shape;
+  return out.str();
+}
+
+} // namespace
+
+QuantizationFormat quantization_format(
+    std::optional<int> group_size,
+    std::optional<int> bits,
+    const std::string& mode,
+    const char* op) {
+  const std::string where = std::string("[") + op + "] ";
+  QuantizationFormat f;
+  f.mode = mode;
+  if (mode == "affine") {
+    f.group_size = group_size.value_or(64);
+    f.bits = bits.value_or(4);
+    if (f.bits < 1 || f.bits > 8 || f.bits == 7) {
+      throw std::invalid_argument(
+          where + "affine quantization supports bits 1, 2, 3, 4, 5, 6 and 8, got " +
+          std::to_string(f.bits) + ".");
+    }
+    if (f.group_size != 32 && f.group_size != 64 && f.group_size != 128) {
+      throw std::invalid_argument(
+          where + "affine quantization supports group_size 32, 64 and 128, got " +
+          std::to_string(f.group_size) + ".");
+    }
+  } else if (mode == "mxfp4") {
+    f.group_size = group_size.value_or(32);
+    f.bits = bits.value_or(4);
+    if (f.group_size != 32 || f.bits != 4) {
+      throw std::invalid_argument(
+          where + "mxfp4 quantization has group_size 32 and bits 4, got group_size " +
+          std::to_string(f.group_size) + " and bits " + std::to_string(f.bits) + ".");
+    }
+  } else {
+    throw std::invalid_argument(
+        where + "quantization mode '" + mode +
+        "' is not supported (supported: 'affine', 'mxfp4').");
+  }
+  return f;
+}
+
+void check_quantized_weight(
+    const mx::array& w,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    const QuantizationFormat& f,
+    const char* op,
+    const std::string& name) {
+  const std::string where = std::string("[") + op + "] ";
+  if (w.dtype() != mx::uint32) {
+    std::ostringstream m;
+    m << where << name << " must be the uint32 packed weight of mx.quantize, got dtype " << w.dtype()
+      << ".";
+    throw std::invalid_argument(m.str());
+  }
+  if (w.ndim() < 2) {
+    throw std::invalid_argument(
+        where + name + " must have at least two dimensions, got shape " + shape_text(w.shape()) + ".");
+  }
+  const int64_t packed = w.shape(-1);
+  if ((packed * 32) % f.bits != 0) {
+    throw std::invalid_argument(
+        where + name + "'s last dimension " + std::to_string(packed) + " is not a whole number of " +
+        std::to_string(f.bits) + "-bit elements.");
+  }
+  const int64_t length = packed * 32 / f.bits;
+  if (length % f.group_size != 0) {
+    throw std::invalid_argument(
+        where + name + " holds rows of " + std::to_string(length) +
+        " elements, not a multiple of group_size " + std::to_string(f.group_size) + ".");
+  }
+  mx::Shape expected = w.shape();
+  expected.back() = static_cast<int>(length / f.group_size);
+  if (scales.shape() != expected) {
+    throw std::invalid_argument(
+        where + "scales of " + name + " must have shape " + shape_text(expected) + " for " +
+        name + " " + shape_text(w.shape()) + " (" + std::to_string(f.bits) + " bits, group_size " +
+        std::to_string(f.group_size) + "), got " + shape_text(scales.shape()) + ".");
+  }
+  if (f.mode == "affine") {
+    if (!mx::issubdtype(scales.dtype(), mx::floating)) {
+      throw std::invalid_argument(where + "affine scales of " + name + " must be floating point.");
+    }
+    if (!biases) {
+      throw std::invalid_argument(where + "affine quantization needs the biases of " + name + ".");
+    }
+    if (biases->shape() != expected || !mx::issubdtype(biases->dtype(), mx::floating)) {
+      throw std::invalid_argument(
+          where + "biases of " + name + " must be floating point with shape " + shape_text(expected) +
+          ", got " + shape_text(biases->shape()) + ".");
+    }
+  } else {
+    if (scales.dtype() != mx::uint8) {
+      throw std::invalid_argument(where + "mxfp4 scales of " + name + " must be uint8 (E8M0).");
+    }
+    if (biases) {
+      throw std::invalid_argument(where + "mxfp4 quantization has no biases (" + name + ").");
+    }
+  }
+}
+
+mx::array gather_qmm(
+    mx::array x,
+    mx::array w,
+    mx::array scales,
+    std::optional<mx::array> biases,
+    std::optional<mx::array> lhs_indices_in,
+    std::optional<mx::array> rhs_indices_in,
+    bool transpose,
+    std::optional<int> group_size,
+    std::optional<int> bits,
+    const std::string& mode,
+    bool sorted_indices,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  const QuantizationFormat f = quantization_format(group_size, bits, mode, "gather_qmm");
+  if (!has_kernels_for(stream)) {
+    return mx::gather_qmm(
+        x, w, scales, biases, lhs_indices_in, rhs_indices_in, transpose, f.group_size, f.bits,
+        f.mode, std::nullopt, sorted_indices, stream);
+  }
+  check_quantized_weight(w, scales, biases, f, "gather_qmm", "w");
+  if (x.ndim() < 2) {
+    quantized_error("x must have at least two dimensions, got shape " + shape_text(x.shape()) + ".");
+  }
+  const int length = static_cast<int>(static_cast<int64_t>(w.shape(-1)) * 32 / f.bits);
+  const int K = transpose ? length : w.shape(-2);
+  const int N = transpose ? w.shape(-2) : length;
+  if (x.shape(-1) != K) {
+    quantized_error(
+        "x's last dimension " + std::to_string(x.shape(-1)) + " does not match the " +
+        std::to_string(K) + " input features of w " + shape_text(w.shape()) +
+        (transpose ? " (transpose=True: w is [..., N, K])" : " (transpose=False: w is [..., K, N])") + ".");
+  }
+  auto out_type = x.dtype();
+  if (f.mode == "affine") {
+    out_type = mx::promote_types(out_type, mx::promote_types(scales.dtype(), biases->dtype()));
+  }
+  if (out_type != mx::float32 && out_type != mx::float16 && out_type != mx::bfloat16) {
+    std::ostringstream m;
+    m << "Supports float32, float16 and bfloat16 activations but x (" << x.dtype()
+      << ") and the scales promote to " << out_type << ".";
+    quantized_error(m.str());
+  }
+  x = mx::astype(x, out_type, stream);
+  w = mx::contiguous(w, false, stream);
+  if (f.mode == "affine") {
+    scales = mx::contiguous(mx::astype(scales, out_type, stream), false, stream);
+    biases = mx::contiguous(mx::astype(*biases, out_type, stream), false, stream);
+  } else {
+    scales = mx::contiguous(scales, false, stream);
+  }
+
+  mx::array lhs = indices_or_default(lhs_indices_in, x, "lhs_indices", stream, "gather_qmm");
+  mx::array rhs = indices_or_default(rhs_indices_in, w, "rhs_indices", stream, "gather_qmm");
+  auto broadcast = mx::broadcast_arrays({lhs, rhs}, stream);
+  const bool lhs_is_identity = !lhs_indices_in && broadcast[0].shape() == lhs.shape();
+  lhs = broadcast[0];
+  rhs = broadcast[1];
+
+  auto out_shape = lhs.shape();
+  out_shape.push_back(x.shape(-2));
+  out_shape.push_back(N);
+  std::vector<mx::array> inputs{std::move(x), std::move(w), std::move(scales)};
+  if (biases) {
+    inputs.push_back(std::move(*biases));
+  }
+  inputs.push_back(std::move(lhs));
+  inputs.push_back(std::move(rhs));
+  return mx::array(
+      std::move(out_shape),
+      out_type,
+      std::make_shared<GatherQMM>(
+          stream, f.group_size, f.bits, f.mode, transpose, sorted_indices, lhs_is_identity),
+      std::move(inputs));
 }
 
 } // namespace mlx_moe

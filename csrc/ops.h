@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <utility>
 
 #include "mlx/ops.h"
@@ -21,6 +22,26 @@ mx::array gather_mm(
     mx::array b,
     std::optional<mx::array> lhs_indices = std::nullopt,
     std::optional<mx::array> rhs_indices = std::nullopt,
+    bool sorted_indices = false,
+    mx::StreamOrDevice s = {});
+
+// Gather matmul on quantized matrices, mx.gather_qmm's semantics: out[i] =
+// x[lhs_indices[i]] @ W[rhs_indices[i]]^T (transpose, W [..., N, K]) or
+// @ W[rhs_indices[i]] (W [..., K, N]), W the matrices mx.quantize packed
+// into w, scales and biases (mode "affine": bits 1-6 or 8, group size 32,
+// 64 or 128; "mxfp4": 4 bits, group 32, no biases). Unset group_size/bits
+// take the mode's defaults. Differentiable in x.
+mx::array gather_qmm(
+    mx::array x,
+    mx::array w,
+    mx::array scales,
+    std::optional<mx::array> biases = std::nullopt,
+    std::optional<mx::array> lhs_indices = std::nullopt,
+    std::optional<mx::array> rhs_indices = std::nullopt,
+    bool transpose = true,
+    std::optional<int> group_size = std::nullopt,
+    std::optional<int> bits = std::nullopt,
+    const std::string& mode = "affine",
     bool sorted_indices = false,
     mx::StreamOrDevice s = {});
 
@@ -44,6 +65,29 @@ mx::array switch_glu(
 // The routing step on its own: the slots (t * k + j) of indices [..., k]
 // sorted by expert, and the offsets [E + 1] of each expert's range.
 std::pair<mx::array, mx::array> route(mx::array indices, int num_experts, mx::StreamOrDevice s = {});
+
+// A validated quantization format: mode "affine" or "mxfp4", with the
+// mode's defaults filled in. Throws invalid_argument naming `op` otherwise.
+struct QuantizationFormat {
+  std::string mode;
+  int group_size;
+  int bits;
+};
+QuantizationFormat quantization_format(
+    std::optional<int> group_size,
+    std::optional<int> bits,
+    const std::string& mode,
+    const char* op);
+
+// Checks one mx.quantize triple (w, scales, biases) against the format;
+// errors name `op` and the weight as `name`.
+void check_quantized_weight(
+    const mx::array& w,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    const QuantizationFormat& format,
+    const char* op,
+    const std::string& name);
 
 // True when this build has our kernels for the stream's device. Where it
 // has none (the GPU before the Metal/CUDA kernels land) the ops fall back

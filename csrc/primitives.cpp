@@ -280,6 +280,70 @@ std::vector<mx::array> MoeDownCombine::vjp(
   return grads;
 }
 
+std::vector<mx::Shape> GatherQMM::output_shapes(const std::vector<mx::array>& inputs) {
+  const auto& x = inputs[0];
+  const auto& w = inputs[1];
+  auto shape = inputs[inputs.size() - 2].shape();
+  shape.push_back(x.shape(-2));
+  shape.push_back(transpose_ ? w.shape(-2) : static_cast<int>(int64_t{w.shape(-1)} * 32 / bits_));
+  return {shape};
+}
+
+bool GatherQMM::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const GatherQMM&>(other);
+  return group_size_ == o.group_size_ && bits_ == o.bits_ && mode_ == o.mode_ &&
+      transpose_ == o.transpose_ && sorted_indices_ == o.sorted_indices_ &&
+      lhs_is_identity_ == o.lhs_is_identity_;
+}
+
+// d x[lhs[i]] += d out[i] @ W[rhs[i]] (transpose) or @ W[rhs[i]]^T: the same
+// quantized gather matmul with `transpose` flipped, then a scatter-add over
+// lhs unless lhs is the identity. The packed weights, scales and biases get
+// no gradient (as MLX's quantized layers, they are frozen).
+std::vector<mx::array> GatherQMM::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  const auto s = stream();
+  const bool has_biases = primals.size() == 6;
+  const auto& x = primals[0];
+  const auto& w = primals[1];
+  const auto& scales = primals[2];
+  std::optional<mx::array> biases;
+  if (has_biases) {
+    biases = primals[3];
+  }
+  const auto& lhs = primals[primals.size() - 2];
+  const auto& rhs = primals[primals.size() - 1];
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg != 0) {
+      throw std::invalid_argument(
+          "[gather_qmm] Gradients are defined with respect to x only, not the quantized "
+          "weights, scales, biases or indices.");
+    }
+    auto g = mlx_moe::gather_qmm(
+        cotangents[0], w, scales, biases, std::nullopt, rhs, !transpose_, group_size_, bits_,
+        mode_, sorted_indices_, s);
+    const int M = x.shape(-2);
+    const int K = x.shape(-1);
+    if (lhs_is_identity_) {
+      grads.push_back(mx::reshape(g, x.shape(), s));
+    } else {
+      int num_x_matrices = 1;
+      for (int d = 0; d < x.ndim() - 2; ++d) {
+        num_x_matrices *= x.shape(d);
+      }
+      auto flat = mx::zeros({num_x_matrices, M, K}, x.dtype(), s);
+      grads.push_back(mx::reshape(
+          mx::scatter_add(flat, lhs, mx::expand_dims(g, -3, s), 0, s), x.shape(), s));
+    }
+  }
+  return grads;
+}
+
+
 // No GPU kernels in this build yet: the ops fall back to MLX's own
 // operations on GPU streams (ops.cpp, has_kernels_for), so these primitives
 // never run there.
@@ -303,6 +367,9 @@ void MoeGateUpSwiGLU::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 }
 void MoeDownCombine::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   no_gpu_kernels("switch_glu");
+}
+void GatherQMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  no_gpu_kernels("gather_qmm");
 }
 
 } // namespace mlx_moe

@@ -122,4 +122,51 @@ class MoeDownCombine : public mx::UnaryPrimitive {
   int top_k_;
 };
 
+// out[i] = x[lhs_indices[i]] @ W[rhs_indices[i]]^T (transpose) or
+// x[lhs_indices[i]] @ W[rhs_indices[i]], W[j] the dequantized matrix j of
+// an mx.quantize-packed weight (cpu/quantized.h). Inputs: x [..., M, K] in
+// the compute dtype, w uint32 [..., N, K * bits / 32] (transpose) or
+// [..., K, N * bits / 32], scales (and, affine mode, biases) [..., rows,
+// groups], lhs_indices and rhs_indices uint32 of one shape I. Output:
+// [*I, M, N] in x's dtype. Differentiable in x only.
+class GatherQMM : public mx::UnaryPrimitive {
+ public:
+  GatherQMM(
+      mx::Stream stream,
+      int group_size,
+      int bits,
+      std::string mode,
+      bool transpose,
+      bool sorted_indices,
+      bool lhs_is_identity)
+      : mx::UnaryPrimitive(stream),
+        group_size_(group_size),
+        bits_(bits),
+        mode_(std::move(mode)),
+        transpose_(transpose),
+        sorted_indices_(sorted_indices),
+        lhs_is_identity_(lhs_is_identity) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override {
+    return "MoeGatherQMM";
+  }
+
+ private:
+  int group_size_;
+  int bits_;
+  std::string mode_;
+  bool transpose_;
+  bool sorted_indices_;
+  bool lhs_is_identity_;
+};
+
 } // namespace mlx_moe

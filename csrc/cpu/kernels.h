@@ -7,6 +7,7 @@
 #pragma once
 
 #include "cpu/gather_mm_problem.h"
+#include "cpu/gather_qmm_problem.h"
 #include "cpu/switch_glu_problem.h"
 
 namespace mlx_moe::cpu {
@@ -16,6 +17,7 @@ struct CpuKernels {
   void (*gather_mm_task)(const GatherMMProblem&, const GatherMMTask&);
   void (*gate_up_task)(const SwitchGluProblem&, const GateUpTask&);
   void (*down_task)(const SwitchGluProblem&, const DownTask&);
+  void (*gather_qmm_task)(const GatherQMMProblem&, const GatherMMTask&);
 };
 
 const CpuKernels& kernels_portable();

@@ -5,13 +5,14 @@
 // (dot_bf16_avx512.h).
 #define MLX_MOE_DOT_BF16 1
 #include "cpu/gather_mm_kernels.h"
+#include "cpu/gather_qmm_kernels.h"
 #include "cpu/kernels.h"
 #include "cpu/switch_glu_kernels.h"
 
 namespace mlx_moe::cpu {
 
 const CpuKernels& kernels_avx512() {
-  static const CpuKernels table{"avx512", &run_task, &gate_up_task, &down_task};
+  static const CpuKernels table{"avx512", &run_task, &gate_up_task, &down_task, &gather_qmm_task};
   return table;
 }
 

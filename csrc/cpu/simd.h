@@ -101,6 +101,22 @@ inline Vec8 load(const BFloat16Bits* p) {
 inline void store(float* p, Vec8 x) {
   _mm256_storeu_ps(p, x.v);
 }
+// Rounded to the 16-bit types as from_float does (nearest even; NaN stays
+// NaN).
+inline void store(Float16Bits* p, Vec8 x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store(BFloat16Bits* p, Vec8 x) {
+  __m256i bits = _mm256_castps_si256(x.v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  __m256i packed = _mm256_packus_epi32(rounded, rounded); // per 128-bit lane
+  packed = _mm256_permute4x64_epi64(packed, 0x08);        // lanes' low halves
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
 // acc + a * b
 inline Vec8 fma(Vec8 a, Vec8 b, Vec8 acc) {
   return {_mm256_fmadd_ps(a.v, b.v, acc.v)};
@@ -204,6 +220,16 @@ inline void prefetch(const T* p) {
 #endif
 }
 
+#endif
+
+#if !defined(MLX_MOE_SIMD_AVX2)
+// Rounded to the 16-bit types one lane at a time (from_float).
+template <typename T>
+inline void store(T* p, Vec8 x) {
+  float lanes[8];
+  store(lanes, x);
+  for (int i = 0; i < 8; ++i) p[i] = from_float<T>(lanes[i]);
+}
 #endif
 
 } // namespace

@@ -3,34 +3,39 @@
 The public API:
 
 * ops, custom MLX primitives with their own CPU kernels: ``gather_mm``
-  (top-k expert dispatch), ``switch_glu`` (a fused SwitchGLU with the
+  (top-k expert dispatch), ``gather_qmm`` (the same on ``mx.quantize``
+  weights), ``switch_glu`` (a fused SwitchGLU with the
   optional score-weighted combine) and ``route`` (token slots grouped by
   expert);
-* layers, drop-in for mlx-lm's: ``SwitchLinear``, ``SwitchGLU``,
+* layers, drop-in for mlx-lm's: ``SwitchLinear``, ``QuantizedSwitchLinear``
+  (what ``nn.quantize`` makes of a ``SwitchLinear``), ``SwitchGLU``,
   ``SwitchMLP`` (and the ``SwiGLU`` activation);
 * ``patch`` / ``unpatch``: swap mlx-lm's ``SwitchGLU`` layers in a loaded
   model for ours, in place;
 * ``reference``: every op in plain MLX, the oracle of the tests;
 * ``models``: Qwen2-MoE, Qwen3-MoE and Qwen3-VL-MoE (text) definitions on
   our layers; ``load_model`` reads a local Hugging Face checkpoint folder
-  into them; ``stream_generate`` / ``load_tokenizer`` generate text (see
-  :mod:`mlx_moe_kernels.generate`).
+  (float or MLX-quantized) into them, ``quantize_model`` quantizes a loaded
+  model as ``mlx_lm.convert -q`` does; ``stream_generate`` /
+  ``load_tokenizer`` generate text (see :mod:`mlx_moe_kernels.generate`).
 """
 
-from mlx_moe_kernels.ops import gather_mm, route, switch_glu
-from mlx_moe_kernels.layers import SwiGLU, SwitchGLU, SwitchLinear, SwitchMLP
+from mlx_moe_kernels.ops import gather_mm, gather_qmm, route, switch_glu
+from mlx_moe_kernels.layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU, SwitchLinear, SwitchMLP
 from mlx_moe_kernels.patch import patch, unpatch
 from mlx_moe_kernels import reference
 from mlx_moe_kernels import models
-from mlx_moe_kernels.loading import load_model
+from mlx_moe_kernels.loading import load_model, quantize_model
 from mlx_moe_kernels.generate import load_tokenizer, stream_generate
 
 __all__ = [
     "gather_mm",
+    "gather_qmm",
     "switch_glu",
     "route",
     "SwiGLU",
     "SwitchLinear",
+    "QuantizedSwitchLinear",
     "SwitchGLU",
     "SwitchMLP",
     "patch",
@@ -38,6 +43,7 @@ __all__ = [
     "reference",
     "models",
     "load_model",
+    "quantize_model",
     "load_tokenizer",
     "stream_generate",
 ]

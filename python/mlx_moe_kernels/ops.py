@@ -63,6 +63,78 @@ def gather_mm(
     )
 
 
+def gather_qmm(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array] = None,
+    lhs_indices: Optional[mx.array] = None,
+    rhs_indices: Optional[mx.array] = None,
+    transpose: bool = True,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: str = "affine",
+    *,
+    sorted_indices: bool = False,
+    stream: StreamOrDevice = None,
+) -> mx.array:
+    """Matrix products with gathered quantized matrices, as ``mx.gather_qmm``.
+
+    ``out[i] = x[lhs_indices[i]] @ W[rhs_indices[i]].T`` (``transpose``,
+    ``W`` ``[..., N, K]``) or ``x[lhs_indices[i]] @ W[rhs_indices[i]]``
+    (``W`` ``[..., K, N]``), where ``W`` is what ``mx.quantize`` packed into
+    ``w``, ``scales`` and ``biases``, and the indices address the flattened
+    batch dimensions of ``x`` (``[..., M, K]``) and ``w``; missing index
+    arrays default to ``arange`` over their operand's batch. The result has
+    shape ``broadcast(lhs_indices, rhs_indices).shape + (M, N)``.
+
+    Our CPU kernel groups the rows by matrix (counting sort), dequantizes
+    each selected matrix a block of rows at a time into cache (never a
+    whole dequantized copy) and multiplies the block with all of its rows
+    in float32.
+
+    Args:
+        x: Activations, float32, float16 or bfloat16.
+        w: Packed codes, uint32 ``[..., N, K * bits / 32]`` (``transpose``)
+            or ``[..., K, N * bits / 32]``.
+        scales: Per-group scales ``[..., rows, groups]``: floating point for
+            ``"affine"``, uint8 (E8M0) for ``"mxfp4"``.
+        biases: Per-group biases (``"affine"`` only), like ``scales``.
+        lhs_indices: Integer indices into ``x``'s batch, or ``None``.
+        rhs_indices: Integer indices into ``w``'s batch, or ``None``.
+        transpose: Whether ``W`` is ``[N, K]`` (mlx-lm's layout) and the
+            product uses its transpose.
+        group_size: Elements per scale: 32, 64 or 128 for ``"affine"``
+            (default 64), 32 for ``"mxfp4"`` (default).
+        bits: Bits per element: 1, 2, 3, 4, 5, 6 or 8 for ``"affine"``
+            (default 4), 4 for ``"mxfp4"``.
+        mode: ``"affine"`` (``w = scale * q + bias``) or ``"mxfp4"``; other
+            modes of ``mx.quantize`` raise ``ValueError``.
+        sorted_indices: A hint that the indices are grouped, as in
+            ``mx.gather_qmm``; results are the same either way.
+        stream: Stream or device; where this build has no kernel (GPUs, for
+            now) the call is ``mx.gather_qmm``.
+
+    Returns:
+        The products, float32-accumulated, in ``x``'s dtype promoted with
+        the scales' and biases' (``"affine"``) or in ``x``'s (``"mxfp4"``).
+        Differentiable in ``x`` only.
+
+    Raises:
+        ValueError: For an unsupported mode, bits or group size, shapes that
+            do not match (``w``, ``scales``, ``biases``, ``x``), wrong
+            dtypes, or biases missing in affine mode.
+        IndexError: For an index outside its range when the indices are
+            already computed at the call.
+        RuntimeError: For such an index in lazily computed indices, when the
+            result is evaluated (never an out-of-bounds read).
+    """
+    return _ext.gather_qmm(
+        x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits, mode,
+        sorted_indices=sorted_indices, stream=stream,
+    )
+
+
 def switch_glu(
     x: mx.array,
     gate_weight: Optional[mx.array],

@@ -69,6 +69,9 @@ def switch_glu(
     indices: mx.array,
     scores: Optional[mx.array] = None,
     *,
+    group_size: int = 64,
+    bits: int = 4,
+    mode: str = "affine",
     stream=None,
 ) -> mx.array:
     """Reference ``switch_glu``: mlx-lm's ``SwitchGLU`` (SwiGLU) followed,
@@ -81,7 +84,16 @@ def switch_glu(
     the compute dtype, as in mlx-lm (the fused op rounds only the hidden
     activations). Same arguments and result as
     :func:`mlx_moe_kernels.switch_glu` (argument checking aside).
+
+    Quantized weights (each projection a ``(weight, scales, biases)``
+    tuple): every projection is :func:`gather_qmm` instead, intermediates
+    rounded as above.
     """
+    if isinstance(down_weight, (tuple, list)):
+        return _quantized_switch_glu(
+            x, gate_weight, up_weight, down_weight, indices, scores,
+            group_size=group_size, bits=bits, mode=mode, stream=stream,
+        )
     if gate_weight is None:  # fused gate_up [E, 2H, D], gate rows first
         hidden_dims = up_weight.shape[1] // 2
         gate_weight = up_weight[:, :hidden_dims, :]
@@ -111,3 +123,85 @@ def route(indices: mx.array, num_experts: int, *, stream=None):
     counts = (flat[:, None] == mx.arange(num_experts, dtype=mx.int64)[None, :]).sum(axis=0)
     offsets = mx.concatenate([mx.zeros((1,), mx.int64), mx.cumsum(counts.astype(mx.int64))])
     return order, offsets.astype(mx.uint32)
+
+
+def dequantize(
+    weight: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array] = None,
+    *,
+    group_size: int = 64,
+    bits: int = 4,
+    mode: str = "affine",
+    dtype: Optional[mx.Dtype] = None,
+    stream=None,
+) -> mx.array:
+    """``mx.dequantize`` in float32, cast to ``dtype`` (default: the dtype
+    a quantized matmul with these scales computes in: the scales' dtype for
+    ``"affine"``, float32 otherwise)."""
+    full = mx.dequantize(
+        weight, scales, biases, group_size=group_size, bits=bits, mode=mode,
+        dtype=mx.float32, stream=stream,
+    )
+    if dtype is None:
+        dtype = scales.dtype if mode == "affine" else mx.float32
+    return full.astype(dtype)
+
+
+def gather_qmm(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array] = None,
+    lhs_indices: Optional[mx.array] = None,
+    rhs_indices: Optional[mx.array] = None,
+    transpose: bool = True,
+    group_size: int = 64,
+    bits: int = 4,
+    mode: str = "affine",
+    *,
+    sorted_indices: bool = False,
+    stream=None,
+) -> mx.array:
+    """Reference ``gather_qmm``: dequantize every matrix of ``w`` in
+    float32, then :func:`gather_mm` in float32, cast to the dtype
+    ``mx.gather_qmm`` returns (``x`` promoted with the scales and biases for
+    ``"affine"``, ``x``'s dtype otherwise). Same arguments and result as
+    :func:`mlx_moe_kernels.gather_qmm`."""
+    del sorted_indices
+    if mode == "affine":
+        out_dtype = (mx.zeros((), x.dtype) + mx.zeros((), scales.dtype)).dtype
+        if biases is not None:
+            out_dtype = (mx.zeros((), out_dtype) + mx.zeros((), biases.dtype)).dtype
+    else:
+        out_dtype = x.dtype
+    full = dequantize(
+        w, scales, biases, group_size=group_size, bits=bits, mode=mode,
+        dtype=mx.float32, stream=stream,
+    )
+    if transpose:
+        full = full.swapaxes(-1, -2)
+    out = gather_mm(
+        x.astype(mx.float32), full, lhs_indices, rhs_indices, stream=stream
+    )
+    return out.astype(out_dtype)
+
+
+def _quantized_switch_glu(x, gate, up, down, indices, scores, *, group_size, bits, mode, stream):
+    """``switch_glu`` on quantized ``(weight, scales, biases)`` projections."""
+    rows = mx.expand_dims(x, (-2, -3))
+
+    def project(a, quantized):
+        weight, scales, biases = quantized
+        return gather_qmm(
+            a, weight, scales, biases, rhs_indices=indices, transpose=True,
+            group_size=group_size, bits=bits, mode=mode, stream=stream,
+        )
+
+    g = project(rows, gate)
+    u = project(rows, up)
+    hidden = nn.silu(g) * u
+    out = project(hidden, down).squeeze(-2)
+    if scores is None:
+        return out
+    return (out * scores[..., None]).sum(axis=-2)

@@ -1,0 +1,114 @@
+// The quantized gather matmul's CPU task, compiled once per instruction set.
+//
+// A task is one matrix's group of rows times a block of output columns: the
+// block's weight rows are dequantized into a per-thread buffer in the compute
+// dtype (columns x K elements, a few hundred KB, cache resident) and handed
+// to the dot engine (dot_kernels.h), which multiplies them with every row of
+// the group. The packed weights are thus read from memory once per call and
+// never expanded beyond one block.
+#pragma once
+
+#include <vector>
+
+#include "cpu/dot_kernels.h"
+#include "cpu/gather_qmm_problem.h"
+#include "cpu/quantized.h"
+
+namespace mlx_moe::cpu {
+namespace {
+
+template <typename T>
+struct QuantizedTaskScratch {
+  std::vector<T> weights;      // the dequantized block, [columns, K]
+  std::vector<T> row;          // one dequantized row of a [K, N] matrix
+  std::vector<float> accumulators;
+  std::vector<const void*> x_rows;
+  std::vector<void*> out_rows;
+  std::vector<const T*> w_rows;
+};
+
+template <typename T>
+inline QuantizedTaskScratch<T>& quantized_scratch() {
+  thread_local QuantizedTaskScratch<T> s;
+  return s;
+}
+
+// Dequantizes output columns [n_begin, n_begin + columns) of `matrix` into
+// s.weights as rows of K elements and points s.w_rows at them.
+template <typename T>
+void dequantize_columns(const QuantizedMatrices& w, bool transpose, int64_t matrix, int64_t n_begin,
+                        int64_t columns, int64_t K, QuantizedTaskScratch<T>& s) {
+  s.weights.resize(columns * K);
+  s.w_rows.resize(columns);
+  T* block = s.weights.data();
+  if (transpose) {
+    for (int64_t c = 0; c < columns; ++c) {
+      dequantize_row<T>(w, matrix, n_begin + c, 0, K, block + c * K);
+    }
+  } else {
+    // [K, N] packed along N: dequantize each row's slice of the block and
+    // scatter it into column-major order (the gradient path).
+    s.row.resize(columns);
+    for (int64_t k = 0; k < K; ++k) {
+      dequantize_row<T>(w, matrix, k, n_begin, columns, s.row.data());
+      for (int64_t c = 0; c < columns; ++c) {
+        block[c * K + k] = s.row[c];
+      }
+    }
+  }
+  for (int64_t c = 0; c < columns; ++c) {
+    s.w_rows[c] = block + c * K;
+  }
+}
+
+template <typename T>
+void gather_qmm_task_typed(const GatherQMMProblem& p, const GatherMMTask& task) {
+  QuantizedTaskScratch<T>& s = quantized_scratch<T>();
+  const int64_t M = p.rows_per_pair;
+  const int64_t begin = p.group_begin[task.group];
+  const int64_t end = p.group_begin[task.group + 1];
+  const int64_t num_rows = (end - begin) * M;
+  const int64_t columns = task.n_end - task.n_begin;
+  if (num_rows == 0 || columns == 0) {
+    return;
+  }
+  s.x_rows.resize(num_rows);
+  s.out_rows.resize(num_rows);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t pair = p.pair_order[i];
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t r = (i - begin) * M + m;
+      s.x_rows[r] = static_cast<const T*>(p.x) + p.x_offsets[pair] + m * p.x_row_stride;
+      s.out_rows[r] = static_cast<T*>(p.out) + (pair * M + m) * p.N + task.n_begin;
+    }
+  }
+  s.accumulators.assign(num_rows * columns, 0.0f);
+  if (p.K > 0) {
+    const int64_t matrix = p.matrix_of_pair[p.pair_order[begin]];
+    dequantize_columns<T>(p.w, p.transpose, matrix, task.n_begin, columns, p.K, s);
+    dot_rows<T>(
+        s.w_rows.data(), columns, reinterpret_cast<const T* const*>(s.x_rows.data()),
+        p.x_col_stride, num_rows, p.K, s.accumulators.data(), columns);
+  }
+  for (int64_t r = 0; r < num_rows; ++r) {
+    T* o = static_cast<T*>(s.out_rows[r]);
+    const float* a = s.accumulators.data() + r * columns;
+    for (int64_t c = 0; c < columns; ++c) {
+      o[c] = from_float<T>(a[c]);
+    }
+  }
+}
+
+inline void gather_qmm_task(const GatherQMMProblem& p, const GatherMMTask& task) {
+  switch (p.dtype) {
+    case ElementType::float32:
+      return gather_qmm_task_typed<float>(p, task);
+    case ElementType::float16:
+      return gather_qmm_task_typed<Float16Bits>(p, task);
+    case ElementType::bfloat16:
+      return gather_qmm_task_typed<BFloat16Bits>(p, task);
+  }
+}
+
+} // namespace
+} // namespace mlx_moe::cpu
