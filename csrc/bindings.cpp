@@ -8,6 +8,7 @@
 #include "ops.h"
 
 namespace nb = nanobind;
+namespace mx = mlx::core;
 using namespace nb::literals;
 
 NB_MODULE(_ext, m) {
@@ -55,6 +56,36 @@ NB_MODULE(_ext, m) {
       nb::kw_only(),
       "stream"_a = nb::none(),
       "Fused SwitchGLU of a MoE layer (see mlx_moe_kernels.switch_glu).");
+
+  m.def(
+      "switch_glu_quantized",
+      [](mx::array x, mx::array gate_w, mx::array gate_s, std::optional<mx::array> gate_b,
+         mx::array up_w, mx::array up_s, std::optional<mx::array> up_b, mx::array down_w,
+         mx::array down_s, std::optional<mx::array> down_b, mx::array indices,
+         std::optional<mx::array> scores, std::optional<int> group_size, std::optional<int> bits,
+         const std::string& mode, mx::StreamOrDevice stream) {
+        return mlx_moe::switch_glu_quantized(
+            x, {gate_w, gate_s, gate_b}, {up_w, up_s, up_b}, {down_w, down_s, down_b}, indices,
+            scores, group_size, bits, mode, stream);
+      },
+      "x"_a,
+      "gate_weight"_a,
+      "gate_scales"_a,
+      "gate_biases"_a.none(),
+      "up_weight"_a,
+      "up_scales"_a,
+      "up_biases"_a.none(),
+      "down_weight"_a,
+      "down_scales"_a,
+      "down_biases"_a.none(),
+      "indices"_a,
+      "scores"_a = nb::none(),
+      "group_size"_a = nb::none(),
+      "bits"_a = nb::none(),
+      "mode"_a = "affine",
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "Fused SwitchGLU on quantized experts (see mlx_moe_kernels.switch_glu).");
 
   m.def(
       "route",

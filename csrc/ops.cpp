@@ -618,4 +618,161 @@ mx::array switch_glu(
       std::move(down_inputs)));
 }
 
+
+mx::array switch_glu_quantized(
+    mx::array x,
+    const QuantizedWeight& gate,
+    const QuantizedWeight& up,
+    const QuantizedWeight& down,
+    mx::array indices,
+    std::optional<mx::array> scores,
+    std::optional<int> group_size,
+    std::optional<int> bits,
+    const std::string& mode,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  const QuantizationFormat f = quantization_format(group_size, bits, mode, "switch_glu");
+  check_quantized_weight(down.weight, down.scales, down.biases, f, "switch_glu", "down_weight");
+  check_quantized_weight(gate.weight, gate.scales, gate.biases, f, "switch_glu", "gate_weight");
+  check_quantized_weight(up.weight, up.scales, up.biases, f, "switch_glu", "up_weight");
+  require(down.weight.ndim() == 3, [&] {
+    return "the quantized down_weight must be [E, D, H * bits / 32] but has shape " +
+        shape_string(down.weight.shape()) + ".";
+  });
+  const int num_experts = down.weight.shape(0);
+  const int model_dims = down.weight.shape(1);
+  const int hidden_dims = static_cast<int>(int64_t{down.weight.shape(2)} * 32 / f.bits);
+  const mx::Shape projection{num_experts, hidden_dims, static_cast<int>(int64_t{model_dims} * f.bits / 32)};
+  for (const auto* named : {&gate, &up}) {
+    require(named->weight.shape() == projection, [&] {
+      return std::string(named == &gate ? "gate_weight" : "up_weight") + " must have shape " +
+          shape_string(projection) + " ([E, H, D * bits / 32]) to match down_weight " +
+          shape_string(down.weight.shape()) + ", but has shape " + shape_string(named->weight.shape()) + ".";
+    });
+  }
+  require(x.ndim() >= 1 && x.shape(-1) == model_dims, [&] {
+    return "x's last dimension must be D = " + std::to_string(model_dims) +
+        " (from down_weight " + shape_string(down.weight.shape()) + "), got x with shape " +
+        shape_string(x.shape()) + ".";
+  });
+  require(indices.ndim() == x.ndim(), [&] {
+    return "indices must be [..., k] with the leading dimensions of x " + shape_string(x.shape()) +
+        ", but has shape " + shape_string(indices.shape()) + ".";
+  });
+  for (int d = 0; d + 1 < x.ndim(); ++d) {
+    require(indices.shape(d) == x.shape(d), [&] {
+      return "indices " + shape_string(indices.shape()) + " must have the leading dimensions of x " +
+          shape_string(x.shape()) + ".";
+    });
+  }
+  const int top_k = indices.shape(-1);
+  require(top_k >= 1 && top_k <= num_experts, [&] {
+    return "indices must select between 1 and E = " + std::to_string(num_experts) +
+        " experts per token, got k = " + std::to_string(top_k) + ".";
+  });
+  if (scores) {
+    require(scores->shape() == indices.shape(), [&] {
+      return "scores must have the shape of indices " + shape_string(indices.shape()) +
+          " but has shape " + shape_string(scores->shape()) + ".";
+    });
+    require(mx::issubdtype(scores->dtype(), mx::floating), [] { return std::string("scores must be floating point."); });
+  }
+  auto dtype = x.dtype();
+  if (f.mode == "affine") {
+    for (const auto* w : {&gate, &up, &down}) {
+      dtype = mx::promote_types(dtype, mx::promote_types(w->scales.dtype(), w->biases->dtype()));
+    }
+  }
+  if (dtype != mx::float32 && dtype != mx::float16 && dtype != mx::bfloat16) {
+    std::ostringstream m;
+    m << "[switch_glu] Supports float32, float16 and bfloat16 activations but x and the scales promote to "
+      << dtype << ".";
+    throw std::invalid_argument(m.str());
+  }
+  const auto out_dtype = scores ? mx::promote_types(dtype, scores->dtype()) : dtype;
+
+  mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
+  const int tokens = std::accumulate(lead.begin(), lead.end(), 1, std::multiplies<int>());
+  auto x2 = mx::contiguous(mx::reshape(mx::astype(x, dtype, stream), {tokens, model_dims}, stream), false, stream);
+  auto idx = mx::contiguous(mx::reshape(
+      checked_uint32_indices(indices, num_experts, "switch_glu", "indices", stream), {tokens, top_k}, stream),
+      false, stream);
+  std::optional<mx::array> scores2;
+  if (scores) {
+    scores2 = mx::contiguous(
+        mx::reshape(mx::astype(*scores, mx::float32, stream), {tokens, top_k}, stream), false, stream);
+  }
+  // Each weight's inputs: codes, scales (and biases), row contiguous, the
+  // scales and biases in the compute dtype (affine).
+  auto weight_inputs = [&](const QuantizedWeight& w) {
+    std::vector<mx::array> in{mx::contiguous(w.weight, false, stream)};
+    if (f.mode == "affine") {
+      in.push_back(mx::contiguous(mx::astype(w.scales, dtype, stream), false, stream));
+      in.push_back(mx::contiguous(mx::astype(*w.biases, dtype, stream), false, stream));
+    } else {
+      in.push_back(mx::contiguous(w.scales, false, stream));
+    }
+    return in;
+  };
+  auto finish = [&](mx::array out) {
+    mx::Shape shape = lead;
+    if (!scores) {
+      shape.push_back(top_k);
+    }
+    shape.push_back(model_dims);
+    return mx::astype(mx::reshape(out, shape, stream), out_dtype, stream);
+  };
+
+  if (!has_kernels_for(stream)) {
+    // mlx-lm's composition on mx.gather_qmm.
+    auto project = [&](const mx::array& a, const QuantizedWeight& w, std::optional<mx::array> lhs) {
+      auto in = weight_inputs(w);
+      std::optional<mx::array> biases;
+      if (in.size() == 3) {
+        biases = in[2];
+      }
+      return mx::gather_qmm(a, in[0], in[1], biases, lhs, idx, true, f.group_size, f.bits, f.mode,
+                            std::nullopt, false, stream);
+    };
+    auto rows = mx::expand_dims(x2, 1, stream);
+    auto token_of_slot = mx::broadcast_to(
+        mx::reshape(mx::arange(tokens, mx::uint32, stream), {tokens, 1}, stream), {tokens, top_k}, stream);
+    auto g = project(rows, gate, token_of_slot);
+    auto u = project(rows, up, token_of_slot);
+    auto h = mx::multiply(mx::multiply(g, mx::sigmoid(g, stream), stream), u, stream);
+    auto y = mx::squeeze(project(h, down, std::nullopt), 2, stream);
+    if (scores2) {
+      y = mx::sum(mx::multiply(y, mx::expand_dims(mx::astype(*scores2, y.dtype(), stream), -1, stream), stream), 1, false, stream);
+    }
+    return finish(y);
+  }
+
+  const WeightQuantization quantization{f.group_size, f.bits, f.mode, f.mode == "affine"};
+  auto routed = mx::array::make_arrays(
+      {{tokens * top_k}, {num_experts + 1}, {tokens * top_k}},
+      {mx::uint32, mx::uint32, mx::uint32},
+      std::make_shared<MoeRoute>(stream, num_experts, "switch_glu"),
+      {idx});
+  std::vector<mx::array> gate_up_inputs{x2};
+  for (const auto* w : {&gate, &up}) {
+    auto in = weight_inputs(*w);
+    gate_up_inputs.insert(gate_up_inputs.end(), in.begin(), in.end());
+  }
+  gate_up_inputs.insert(gate_up_inputs.end(), routed.begin(), routed.end());
+  auto hidden = mx::array(
+      {tokens * top_k, hidden_dims}, dtype,
+      std::make_shared<MoeGateUpSwiGLU>(stream, top_k, quantization), std::move(gate_up_inputs));
+  std::vector<mx::array> down_inputs{hidden};
+  auto down_in = weight_inputs(down);
+  down_inputs.insert(down_inputs.end(), down_in.begin(), down_in.end());
+  down_inputs.insert(down_inputs.end(), routed.begin(), routed.end());
+  if (scores2) {
+    down_inputs.push_back(*scores2);
+  }
+  mx::Shape out_shape = scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
+  return finish(mx::array(
+      std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k, quantization),
+      std::move(down_inputs)));
+}
+
 } // namespace mlx_moe

@@ -62,6 +62,28 @@ mx::array switch_glu(
     std::optional<mx::array> scores = std::nullopt,
     mx::StreamOrDevice s = {});
 
+// One mx.quantize triple: packed codes, scales and (affine) biases.
+struct QuantizedWeight {
+  mx::array weight;
+  mx::array scales;
+  std::optional<mx::array> biases;
+};
+
+// switch_glu on quantized experts: gate, up [E, H, D * bits / 32] and down
+// [E, D, H * bits / 32] codes with their scales and biases, all in one
+// quantization format (see gather_qmm). Differentiable in x and scores.
+mx::array switch_glu_quantized(
+    mx::array x,
+    const QuantizedWeight& gate,
+    const QuantizedWeight& up,
+    const QuantizedWeight& down,
+    mx::array indices,
+    std::optional<mx::array> scores = std::nullopt,
+    std::optional<int> group_size = std::nullopt,
+    std::optional<int> bits = std::nullopt,
+    const std::string& mode = "affine",
+    mx::StreamOrDevice s = {});
+
 // The routing step on its own: the slots (t * k + j) of indices [..., k]
 // sorted by expert, and the offsets [E + 1] of each expert's range.
 std::pair<mx::array, mx::array> route(mx::array indices, int num_experts, mx::StreamOrDevice s = {});

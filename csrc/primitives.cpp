@@ -115,20 +115,23 @@ std::vector<mx::Shape> MoeGateUpSwiGLU::output_shapes(const std::vector<mx::arra
 }
 
 bool MoeGateUpSwiGLU::is_equivalent(const mx::Primitive& other) const {
-  return top_k_ == static_cast<const MoeGateUpSwiGLU&>(other).top_k_;
+  const auto& o = static_cast<const MoeGateUpSwiGLU&>(other);
+  return top_k_ == o.top_k_ && quantization_ == o.quantization_;
 }
 
 std::vector<mx::Shape> MoeDownCombine::output_shapes(const std::vector<mx::array>& inputs) {
   const int slots = inputs[0].shape(0);
   const int model_dims = inputs[1].shape(1);
-  if (inputs.size() > 5) {
+  const size_t weight_inputs = quantization_ ? quantization_->inputs_per_weight() : 1;
+  if (inputs.size() > 4 + weight_inputs) {
     return {{slots / top_k_, model_dims}};
   }
   return {{slots, model_dims}};
 }
 
 bool MoeDownCombine::is_equivalent(const mx::Primitive& other) const {
-  return top_k_ == static_cast<const MoeDownCombine&>(other).top_k_;
+  const auto& o = static_cast<const MoeDownCombine&>(other);
+  return top_k_ == o.top_k_ && quantization_ == o.quantization_;
 }
 
 namespace {
@@ -151,6 +154,43 @@ mx::array per_expert_outer_sum(
     const mx::Stream& s) {
   return mx::segmented_mm(
       mx::transpose(left, {1, 0}, s), right, expert_segments(offsets, s), s);
+}
+
+// One expert projection of the fused primitives, float or quantized: the
+// weight's inputs start at primals[first] (1 array, or codes, scales and
+// optional biases). apply(rows [S, 1, in], experts, transpose) is
+// rows @ W[e]^T (transpose, W [E, out, in]) or rows @ W[e].
+struct Projection {
+  const std::vector<mx::array>& primals;
+  int first;
+  const std::optional<WeightQuantization>& quantization;
+
+  int inputs() const {
+    return quantization ? quantization->inputs_per_weight() : 1;
+  }
+  const mx::array& weight() const {
+    return primals[first];
+  }
+  mx::array apply(const mx::array& rows, const mx::array& experts, bool transpose, const mx::Stream& s) const {
+    if (!quantization) {
+      const auto& w = primals[first];
+      return mlx_moe::gather_mm(
+          rows, transpose ? mx::swapaxes(w, -1, -2, s) : w, std::nullopt, experts, true, s);
+    }
+    std::optional<mx::array> biases;
+    if (quantization->has_biases) {
+      biases = primals[first + 2];
+    }
+    return mlx_moe::gather_qmm(
+        rows, primals[first], primals[first + 1], biases, std::nullopt, experts, transpose,
+        quantization->group_size, quantization->bits, quantization->mode, true, s);
+  }
+};
+
+[[noreturn]] void no_quantized_weight_gradient() {
+  throw std::invalid_argument(
+      "[switch_glu] Gradients with quantized experts are defined with respect to x and scores "
+      "only, not the quantized weights, scales or biases.");
 }
 
 void no_index_gradient(int arg, int first_index_input, const char* op) {
@@ -176,23 +216,19 @@ std::vector<mx::array> MoeGateUpSwiGLU::vjp(
     const std::vector<mx::array>&) {
   const auto s = stream();
   const auto& x = primals[0];
-  const auto& gate = primals[1];
-  const auto& up = primals[2];
-  const auto& order = primals[3];
-  const auto& offsets = primals[4];
-  const auto& sorted_experts = primals[5];
+  const Projection gate{primals, 1, quantization_};
+  const Projection up{primals, 1 + gate.inputs(), quantization_};
+  const int first_index = 1 + 2 * gate.inputs();
+  const auto& order = primals[first_index];
+  const auto& offsets = primals[first_index + 1];
+  const auto& sorted_experts = primals[first_index + 2];
   const int slots = order.shape(0);
-  const int hidden_dims = gate.shape(1);
+  const int hidden_dims = gate.weight().shape(1);
   auto tokens_of = mx::floor_divide(order, mx::array(static_cast<uint32_t>(top_k_)), s);
   auto rows = mx::take(x, tokens_of, 0, s); // [S, D]
   auto rows3 = mx::expand_dims(rows, 1, s);
-  auto project = [&](const mx::array& w) {
-    return mx::reshape(
-        mlx_moe::gather_mm(rows3, mx::swapaxes(w, -1, -2, s), std::nullopt, sorted_experts, true, s),
-        {slots, hidden_dims}, s);
-  };
-  auto g = project(gate);
-  auto u = project(up);
+  auto g = mx::reshape(gate.apply(rows3, sorted_experts, true, s), {slots, hidden_dims}, s);
+  auto u = mx::reshape(up.apply(rows3, sorted_experts, true, s), {slots, hidden_dims}, s);
   auto sig = mx::sigmoid(g, s);
   auto silu_g = mx::multiply(g, sig, s);
   // silu'(g) = sig * (1 + g * (1 - sig))
@@ -203,13 +239,15 @@ std::vector<mx::array> MoeGateUpSwiGLU::vjp(
   auto du = mx::multiply(dh, silu_g, s);
   std::vector<mx::array> grads;
   for (int arg : argnums) {
-    no_index_gradient(arg, 3, "switch_glu");
+    no_index_gradient(arg, first_index, "switch_glu");
     if (arg == 0) {
-      auto back = [&](const mx::array& d, const mx::array& w) {
-        return mlx_moe::gather_mm(mx::expand_dims(d, 1, s), w, std::nullopt, sorted_experts, true, s);
+      auto back = [&](const mx::array& d, const Projection& w) {
+        return w.apply(mx::expand_dims(d, 1, s), sorted_experts, false, s);
       };
       auto dx_rows = mx::add(back(dg, gate), back(du, up), s); // [S, 1, D]
       grads.push_back(mx::scatter_add(mx::zeros_like(x, s), tokens_of, dx_rows, 0, s));
+    } else if (quantization_) {
+      no_quantized_weight_gradient();
     } else {
       const auto& d = arg == 1 ? dg : du;
       grads.push_back(mx::astype(per_expert_outer_sum(d, rows, offsets, s), primals[arg].dtype(), s));
@@ -231,21 +269,23 @@ std::vector<mx::array> MoeDownCombine::vjp(
     const std::vector<mx::array>&) {
   const auto s = stream();
   const auto& hidden = primals[0];
-  const auto& down = primals[1];
-  const auto& order = primals[2];
-  const auto& offsets = primals[3];
-  const auto& sorted_experts = primals[4];
-  const bool combine = primals.size() > 5;
+  const Projection down{primals, 1, quantization_};
+  const int first_index = 1 + down.inputs();
+  const auto& order = primals[first_index];
+  const auto& offsets = primals[first_index + 1];
+  const auto& sorted_experts = primals[first_index + 2];
+  const int scores_input = first_index + 3;
+  const bool combine = static_cast<int>(primals.size()) > scores_input;
   const auto& d_out = cotangents[0];
   const int slots = order.shape(0);
-  const int model_dims = down.shape(1);
+  const int model_dims = down.weight().shape(1);
   std::optional<mx::array> d_out_rows; // d out at each sorted position's row
   std::optional<mx::array> scores_sorted;
   mx::array dy = mx::array(0.0f);
   if (combine) {
     auto tokens_of = mx::floor_divide(order, mx::array(static_cast<uint32_t>(top_k_)), s);
     d_out_rows = mx::take(d_out, tokens_of, 0, s); // [S, D]
-    scores_sorted = mx::take(mx::flatten(primals[5], s), order, 0, s); // [S]
+    scores_sorted = mx::take(mx::flatten(primals[scores_input], s), order, 0, s); // [S]
     dy = mx::astype(
         mx::multiply(*d_out_rows, mx::expand_dims(*scores_sorted, 1, s), s), hidden.dtype(), s);
   } else {
@@ -253,28 +293,26 @@ std::vector<mx::array> MoeDownCombine::vjp(
   }
   std::vector<mx::array> grads;
   for (int arg : argnums) {
-    if (arg == 5 && combine) {
+    if (arg == scores_input && combine) {
       auto y = mx::reshape(
-          mlx_moe::gather_mm(
-              mx::expand_dims(hidden, 1, s), mx::swapaxes(down, -1, -2, s), std::nullopt,
-              sorted_experts, true, s),
-          {slots, model_dims}, s);
+          down.apply(mx::expand_dims(hidden, 1, s), sorted_experts, true, s), {slots, model_dims}, s);
       auto d_score_sorted = mx::sum(
           mx::multiply(mx::astype(y, mx::float32, s), mx::astype(*d_out_rows, mx::float32, s), s),
           -1, false, s);
       // Back from sorted positions to slots: order is a permutation.
       auto d_scores = mx::scatter(
           mx::zeros({slots}, mx::float32, s), order, mx::expand_dims(d_score_sorted, 1, s), 0, s);
-      grads.push_back(mx::reshape(d_scores, primals[5].shape(), s));
+      grads.push_back(mx::reshape(d_scores, primals[scores_input].shape(), s));
       continue;
     }
-    no_index_gradient(arg, 2, "switch_glu");
+    no_index_gradient(arg, first_index, "switch_glu");
     if (arg == 0) {
       grads.push_back(mx::reshape(
-          mlx_moe::gather_mm(mx::expand_dims(dy, 1, s), down, std::nullopt, sorted_experts, true, s),
-          hidden.shape(), s));
+          down.apply(mx::expand_dims(dy, 1, s), sorted_experts, false, s), hidden.shape(), s));
+    } else if (quantization_) {
+      no_quantized_weight_gradient();
     } else {
-      grads.push_back(mx::astype(per_expert_outer_sum(dy, hidden, offsets, s), down.dtype(), s));
+      grads.push_back(mx::astype(per_expert_outer_sum(dy, hidden, offsets, s), down.weight().dtype(), s));
     }
   }
   return grads;

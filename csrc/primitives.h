@@ -3,6 +3,7 @@
 // per primitive family, same names across backends).
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "mlx/primitives.h"
@@ -10,6 +11,22 @@
 namespace mlx_moe {
 
 namespace mx = mlx::core;
+
+// How the fused SwitchGLU primitives' weights are quantized (absent: float
+// weights). Each quantized weight is 2 inputs (packed codes, scales) or 3
+// (with biases, affine mode) in place of one.
+struct WeightQuantization {
+  int group_size;
+  int bits;
+  std::string mode;
+  bool has_biases;
+  int inputs_per_weight() const {
+    return has_biases ? 3 : 2;
+  }
+  bool operator==(const WeightQuantization& o) const {
+    return group_size == o.group_size && bits == o.bits && mode == o.mode && has_biases == o.has_biases;
+  }
+};
 
 // out[i] = a[lhs_indices[i]] @ b[rhs_indices[i]] for every position i of the
 // (broadcast) index arrays. Inputs: a [..., M, K], b [..., K, N],
@@ -75,9 +92,13 @@ class MoeRoute : public mx::Primitive {
 // up[e]^T). Inputs: x [T, D], gate [E, H, D], up [E, H, D] (last axis
 // contiguous; gate and up may be two views of one fused [E, 2H, D] weight),
 // order, offsets, sorted_experts (MoeRoute). Output: hidden [T * k, H].
+// Quantized (`quantization` set): gate and up are each (codes [E, H, D *
+// bits / 32], scales, [biases]) as mx.quantize packs them; gradients then
+// flow to x only.
 class MoeGateUpSwiGLU : public mx::UnaryPrimitive {
  public:
-  MoeGateUpSwiGLU(mx::Stream stream, int top_k) : mx::UnaryPrimitive(stream), top_k_(top_k) {}
+  MoeGateUpSwiGLU(mx::Stream stream, int top_k, std::optional<WeightQuantization> quantization = std::nullopt)
+      : mx::UnaryPrimitive(stream), top_k_(top_k), quantization_(std::move(quantization)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -94,6 +115,7 @@ class MoeGateUpSwiGLU : public mx::UnaryPrimitive {
 
  private:
   int top_k_;
+  std::optional<WeightQuantization> quantization_;
 };
 
 // Down projection with the routing-score combine, fused: out[t] = sum_j
@@ -101,9 +123,12 @@ class MoeGateUpSwiGLU : public mx::UnaryPrimitive {
 // [T * k, H] in sorted order, down [E, D, H], order, offsets,
 // sorted_experts, and optionally scores [T, k] float32. Output: [T, D] with
 // scores; without, every slot's own row, [T * k, D] in slot order.
+// Quantized (`quantization` set): down is (codes [E, D, H * bits / 32],
+// scales, [biases]); gradients then flow to hidden and scores only.
 class MoeDownCombine : public mx::UnaryPrimitive {
  public:
-  MoeDownCombine(mx::Stream stream, int top_k) : mx::UnaryPrimitive(stream), top_k_(top_k) {}
+  MoeDownCombine(mx::Stream stream, int top_k, std::optional<WeightQuantization> quantization = std::nullopt)
+      : mx::UnaryPrimitive(stream), top_k_(top_k), quantization_(std::move(quantization)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -120,6 +145,7 @@ class MoeDownCombine : public mx::UnaryPrimitive {
 
  private:
   int top_k_;
+  std::optional<WeightQuantization> quantization_;
 };
 
 // out[i] = x[lhs_indices[i]] @ W[rhs_indices[i]]^T (transpose) or

@@ -11,6 +11,7 @@
 #include "cpu/gather_mm_problem.h"
 #include "cpu/indices.h"
 #include "cpu/kernels.h"
+#include "cpu/quantized_arrays.h"
 #include "cpu/routing.h"
 #include "cpu/switch_glu_problem.h"
 #include "cpu/thread_pool.h"
@@ -86,16 +87,19 @@ void MoeRoute::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
 }
 
 void MoeGateUpSwiGLU::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const int weight_inputs = quantization_ ? quantization_->inputs_per_weight() : 1;
   const mx::array& x = inputs[0];
   const mx::array& gate = inputs[1];
-  const mx::array& up = inputs[2];
-  const mx::array& order = inputs[3];
-  const mx::array& offsets = inputs[4];
+  const mx::array& up = inputs[1 + weight_inputs];
+  const mx::array& order = inputs[1 + 2 * weight_inputs];
+  const mx::array& offsets = inputs[2 + 2 * weight_inputs];
   require_unit_last_stride(x, "x");
-  require_unit_last_stride(gate, "gate weight");
-  require_unit_last_stride(up, "up weight");
-  if (gate.strides() != up.strides()) {
-    throw std::logic_error("[switch_glu] internal: gate and up weights must share strides.");
+  if (!quantization_) {
+    require_unit_last_stride(gate, "gate weight");
+    require_unit_last_stride(up, "up weight");
+    if (gate.strides() != up.strides()) {
+      throw std::logic_error("[switch_glu] internal: gate and up weights must share strides.");
+    }
   }
   out.set_data(mx::allocator::malloc(out.nbytes()));
 
@@ -108,10 +112,20 @@ void MoeGateUpSwiGLU::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   p.num_experts = gate.shape(0);
   p.x = x.data<void>();
   p.x_row_stride = x.strides()[0];
-  p.gate = gate.data<void>();
-  p.up = up.data<void>();
-  p.gate_up_expert_stride = gate.strides()[0];
-  p.gate_up_row_stride = gate.strides()[1];
+  if (quantization_) {
+    const auto& q = *quantization_;
+    p.quantized = true;
+    p.gate_quantized = quantized_matrices(
+        gate, inputs[2], q.has_biases ? &inputs[3] : nullptr, q.group_size, q.bits, q.mode);
+    p.up_quantized = quantized_matrices(
+        up, inputs[2 + weight_inputs], q.has_biases ? &inputs[3 + weight_inputs] : nullptr,
+        q.group_size, q.bits, q.mode);
+  } else {
+    p.gate = gate.data<void>();
+    p.up = up.data<void>();
+    p.gate_up_expert_stride = gate.strides()[0];
+    p.gate_up_row_stride = gate.strides()[1];
+  }
   p.order = order.data<uint32_t>();
   p.offsets = offsets.data<uint32_t>();
   p.hidden = out.data<void>();
@@ -155,13 +169,17 @@ void MoeGateUpSwiGLU::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
 }
 
 void MoeDownCombine::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const int weight_inputs = quantization_ ? quantization_->inputs_per_weight() : 1;
   const mx::array& hidden = inputs[0];
   const mx::array& down = inputs[1];
-  const mx::array& order = inputs[2];
-  const mx::array& offsets = inputs[3];
-  const bool combine = inputs.size() > 5;
+  const mx::array& order = inputs[1 + weight_inputs];
+  const mx::array& offsets = inputs[2 + weight_inputs];
+  const size_t scores_input = 4 + weight_inputs;
+  const bool combine = inputs.size() > scores_input;
   require_unit_last_stride(hidden, "hidden");
-  require_unit_last_stride(down, "down weight");
+  if (!quantization_) {
+    require_unit_last_stride(down, "down weight");
+  }
   if (hidden.strides()[0] != hidden.shape(1) && hidden.shape(0) > 1) {
     throw std::logic_error("[switch_glu] internal: hidden rows must be contiguous.");
   }
@@ -172,16 +190,23 @@ void MoeDownCombine::eval_cpu(const std::vector<mx::array>& inputs, mx::array& o
   p.top_k = top_k_;
   p.tokens = hidden.shape(0) / top_k_;
   p.model_dims = down.shape(1);
-  p.hidden_dims = down.shape(2);
+  p.hidden_dims = hidden.shape(1);
   p.num_experts = down.shape(0);
-  p.down = down.data<void>();
-  p.down_expert_stride = down.strides()[0];
-  p.down_row_stride = down.strides()[1];
+  if (quantization_) {
+    const auto& q = *quantization_;
+    p.quantized = true;
+    p.down_quantized = quantized_matrices(
+        down, inputs[2], q.has_biases ? &inputs[3] : nullptr, q.group_size, q.bits, q.mode);
+  } else {
+    p.down = down.data<void>();
+    p.down_expert_stride = down.strides()[0];
+    p.down_row_stride = down.strides()[1];
+  }
   p.order = order.data<uint32_t>();
   p.offsets = offsets.data<uint32_t>();
   p.hidden = const_cast<void*>(hidden.data<void>());
   if (combine) {
-    const mx::array& scores = inputs[5];
+    const mx::array& scores = inputs[scores_input];
     if (!scores.flags().row_contiguous || scores.dtype() != mx::float32) {
       throw std::logic_error("[switch_glu] internal: scores must be contiguous float32.");
     }

@@ -13,12 +13,17 @@
 // epilogue multiplies by the slot's routing score and adds into the token's
 // float32 output row, so the k slots of a token are summed without ever
 // writing [tokens, k, D].
+//
+// Quantized experts: each task first dequantizes the weight rows it needs
+// (one expert's block of columns) into a per-thread buffer in the compute
+// dtype, then runs the same dot engine on it (see gather_qmm_kernels.h).
 #pragma once
 
 #include <cmath>
 #include <vector>
 
 #include "cpu/dot_kernels.h"
+#include "cpu/quantized.h"
 #include "cpu/switch_glu_problem.h"
 
 namespace mlx_moe::cpu {
@@ -29,7 +34,28 @@ struct SwitchGluScratch {
   std::vector<const void*> w_rows;
   std::vector<float> products; // [rows, columns] of one expert
   std::vector<float> out;      // [tokens, columns] of a down task
+  std::vector<uint8_t> dequantized; // quantized weight rows in the compute dtype
 };
+
+// Rows [row_begin, row_begin + count) of expert `expert` of a quantized
+// weight, each `length` long, dequantized into s.dequantized; w_rows[i *
+// spacing + slot] points at row i (spacing 2 interleaves gate and up).
+template <typename T>
+void dequantize_expert_rows(const QuantizedMatrices& q, int64_t expert, int64_t row_begin,
+                            int64_t count, int64_t length, int spacing, int slot,
+                            SwitchGluScratch& s, T* buffer) {
+  for (int64_t i = 0; i < count; ++i) {
+    T* row = buffer + (i * spacing + slot) * length;
+    dequantize_row<T>(q, expert, row_begin + i, 0, length, row);
+    s.w_rows[i * spacing + slot] = row;
+  }
+}
+
+template <typename T>
+T* dequantized_buffer(SwitchGluScratch& s, int64_t elements) {
+  s.dequantized.resize(elements * sizeof(T));
+  return reinterpret_cast<T*>(s.dequantized.data());
+}
 
 inline SwitchGluScratch& switch_glu_scratch() {
   thread_local SwitchGluScratch s;
@@ -55,12 +81,18 @@ void gate_up_task_typed(const SwitchGluProblem& p, const GateUpTask& task) {
     const int64_t token = p.order[begin + r] / p.top_k;
     s.x_rows[r] = x + token * p.x_row_stride;
   }
-  const T* gate = static_cast<const T*>(p.gate) + task.expert * p.gate_up_expert_stride;
-  const T* up = static_cast<const T*>(p.up) + task.expert * p.gate_up_expert_stride;
   s.w_rows.resize(2 * columns);
-  for (int64_t c = 0; c < columns; ++c) {
-    s.w_rows[2 * c] = gate + (task.h_begin + c) * p.gate_up_row_stride;
-    s.w_rows[2 * c + 1] = up + (task.h_begin + c) * p.gate_up_row_stride;
+  if (p.quantized) {
+    T* buffer = dequantized_buffer<T>(s, 2 * columns * p.model_dims);
+    dequantize_expert_rows<T>(p.gate_quantized, task.expert, task.h_begin, columns, p.model_dims, 2, 0, s, buffer);
+    dequantize_expert_rows<T>(p.up_quantized, task.expert, task.h_begin, columns, p.model_dims, 2, 1, s, buffer);
+  } else {
+    const T* gate = static_cast<const T*>(p.gate) + task.expert * p.gate_up_expert_stride;
+    const T* up = static_cast<const T*>(p.up) + task.expert * p.gate_up_expert_stride;
+    for (int64_t c = 0; c < columns; ++c) {
+      s.w_rows[2 * c] = gate + (task.h_begin + c) * p.gate_up_row_stride;
+      s.w_rows[2 * c + 1] = up + (task.h_begin + c) * p.gate_up_row_stride;
+    }
   }
   s.products.assign(rows * 2 * columns, 0.0f);
   dot_rows<T>(
@@ -104,7 +136,7 @@ void down_task_typed(const SwitchGluProblem& p, const DownTask& task) {
     const int64_t begin = p.offsets[e];
     const int64_t rows = p.offsets[e + 1] - begin;
     const int64_t after = next_expert(e + 1);
-    const bool prefetch_next = after < task.expert_end && columns >= kMaxTileColumns;
+    const bool prefetch_next = !p.quantized && after < task.expert_end && columns >= kMaxTileColumns;
     if (prefetch_next) {
       const T* next_down = static_cast<const T*>(p.down) + after * p.down_expert_stride;
       for (int c = 0; c < kMaxTileColumns; ++c) {
@@ -115,9 +147,14 @@ void down_task_typed(const SwitchGluProblem& p, const DownTask& task) {
     for (int64_t r = 0; r < rows; ++r) {
       s.x_rows[r] = hidden + (begin + r) * p.hidden_dims;
     }
-    const T* down = static_cast<const T*>(p.down) + e * p.down_expert_stride;
-    for (int64_t c = 0; c < columns; ++c) {
-      s.w_rows[c] = down + (task.d_begin + c) * p.down_row_stride;
+    if (p.quantized) {
+      T* buffer = dequantized_buffer<T>(s, columns * p.hidden_dims);
+      dequantize_expert_rows<T>(p.down_quantized, e, task.d_begin, columns, p.hidden_dims, 1, 0, s, buffer);
+    } else {
+      const T* down = static_cast<const T*>(p.down) + e * p.down_expert_stride;
+      for (int64_t c = 0; c < columns; ++c) {
+        s.w_rows[c] = down + (task.d_begin + c) * p.down_row_stride;
+      }
     }
     s.products.assign(rows * columns, 0.0f);
     dot_rows<T>(

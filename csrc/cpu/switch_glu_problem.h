@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "cpu/gather_mm_problem.h"
+#include "cpu/quantized.h"
 
 namespace mlx_moe::cpu {
 
@@ -35,6 +36,14 @@ struct SwitchGluProblem {
   const void* down = nullptr; // [E, D, H]
   int64_t down_expert_stride = 0;
   int64_t down_row_stride = 0;
+
+  // Quantized experts (quantized = true): the weights are read from these
+  // (mx.quantize triples, matrix = expert, row = output feature) instead
+  // of the dense pointers above.
+  bool quantized = false;
+  QuantizedMatrices gate_quantized;
+  QuantizedMatrices up_quantized;
+  QuantizedMatrices down_quantized;
 
   // Routing: the slots sorted by expert; expert e's slots are
   // order[offsets[e] .. offsets[e + 1]).

@@ -135,14 +135,22 @@ def gather_qmm(
     )
 
 
+QuantizedWeight = Tuple[mx.array, mx.array, Optional[mx.array]]
+"""An ``mx.quantize`` result as ``switch_glu`` takes it: ``(weight, scales,
+biases)``, with ``biases`` ``None`` in ``"mxfp4"`` mode."""
+
+
 def switch_glu(
     x: mx.array,
-    gate_weight: Optional[mx.array],
-    up_weight: mx.array,
-    down_weight: mx.array,
+    gate_weight: Union[None, mx.array, QuantizedWeight],
+    up_weight: Union[mx.array, QuantizedWeight],
+    down_weight: Union[mx.array, QuantizedWeight],
     indices: mx.array,
     scores: Optional[mx.array] = None,
     *,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: str = "affine",
     stream: StreamOrDevice = None,
 ) -> mx.array:
     """The expert part of a Mixture-of-Experts layer in one fused op:
@@ -181,8 +189,18 @@ def switch_glu(
             an expert may repeat within a token. Not differentiable.
         scores: Optional routing weights, floating point, the shape of
             ``indices``.
+        group_size, bits, mode: The quantization format when the weights
+            are quantized (as :func:`gather_qmm`); ignored otherwise.
         stream: Stream or device; on devices where this build has no
-            kernel (GPUs, for now) the op is composed from ``mx.gather_mm``.
+            kernel (GPUs, for now) the op is composed from ``mx.gather_mm``
+            (``mx.gather_qmm``).
+
+    Quantized experts: pass each of ``gate_weight``, ``up_weight`` and
+    ``down_weight`` as an ``mx.quantize`` triple ``(weight, scales,
+    biases)`` (mlx-lm's ``QuantizedSwitchLinear`` parameters; all three
+    quantized alike, no fused gate-up). The kernels dequantize one block of
+    an expert's rows at a time into cache, never a whole expert; gradients
+    then flow to ``x`` and ``scores`` only.
 
     Returns:
         ``[..., k, D]`` without ``scores``, in the promoted dtype of ``x``
@@ -200,6 +218,23 @@ def switch_glu(
         RuntimeError: For such an index in lazily computed indices, when
             the result is evaluated (never an out-of-bounds read).
     """
+    quantized = [isinstance(w, (tuple, list)) for w in (gate_weight, up_weight, down_weight)]
+    if any(quantized):
+        if not all(quantized):
+            raise ValueError(
+                "[switch_glu] Quantized experts need gate_weight, up_weight and down_weight "
+                "all given as (weight, scales, biases) triples."
+            )
+        parts = []
+        for name, triple in (("gate_weight", gate_weight), ("up_weight", up_weight), ("down_weight", down_weight)):
+            if len(triple) != 3:
+                raise ValueError(
+                    f"[switch_glu] {name} must be a (weight, scales, biases) triple, got {len(triple)} items."
+                )
+            parts.extend(triple)
+        return _ext.switch_glu_quantized(
+            x, *parts, indices, scores, group_size, bits, mode, stream=stream
+        )
     return _ext.switch_glu(x, gate_weight, up_weight, down_weight, indices, scores, stream=stream)
 
 
