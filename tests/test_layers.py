@@ -205,18 +205,19 @@ def test_switch_glu_half_precision(build):
         assert_close(out.astype(mx.float32), exact, rtol=tol)
 
 
-def test_quantized_projections_fall_back(build):
-    """nn.quantize swaps our SwitchLinear for mlx-lm's QuantizedSwitchLinear;
-    the layer then composes the quantized projections, as mlx-lm's does.
-    (Quantization groups are 32 wide: dims 64 and 32 here.)"""
+def test_quantized_projections(build):
+    """nn.quantize swaps our SwitchLinear for our QuantizedSwitchLinear; the
+    layer then runs the fused op on the quantized weights, with mlx-lm's
+    result (more cases in test_quantized_layers.py). (Quantization groups
+    are 32 wide: dims 64 and 32 here.)"""
     mx.random.seed(9)
     theirs = mlx_lm_layers.SwitchGLU(64, 32, E)
     ours = layers.SwitchGLU(64, 32, E)
     copy_parameters(theirs, ours)
     nn.quantize(theirs, group_size=32, bits=8)
     nn.quantize(ours, group_size=32, bits=8)
-    assert type(ours.gate_proj) is mlx_lm_layers.QuantizedSwitchLinear
-    assert not ours.uses_fused_kernel()
+    assert type(ours.gate_proj) is layers.QuantizedSwitchLinear
+    assert ours.uses_fused_kernel()
     x = rand((5, 64), mx.float32, 1)
     idx = routing(5, 2)
     assert_close(ours(x, idx), theirs(x, idx))

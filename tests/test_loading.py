@@ -8,6 +8,7 @@ import json
 import shutil
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
@@ -185,3 +186,147 @@ def test_vl_sanitize_prefixes_and_layouts():
             assert mx.array_equal(out[f"{base}.gate_proj.weight"], gate_up_hub[..., :5].swapaxes(1, 2))
             assert mx.array_equal(out[f"{base}.up_proj.weight"], gate_up_hub[..., 5:].swapaxes(1, 2))
             assert mx.array_equal(out[f"{base}.down_proj.weight"], down_hub.swapaxes(1, 2))
+
+
+# ------------------------------------------------------- quantized folders
+WIDE = dict(hidden_size=64, moe_intermediate_size=64, intermediate_size=64)  # every layer quantizable at group 64
+
+
+def _wide_overrides(arch):
+    return dict(WIDE, shared_expert_intermediate_size=64) if arch == "qwen2_moe" else WIDE
+
+
+def _save(model, config, folder):
+    """Write ``model``'s parameters and ``config`` as a checkpoint folder."""
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized_folder(tmp_path_factory):
+    """(float folder, 4-bit folder written by quantize_model) of a tiny Qwen3-MoE."""
+    root = tmp_path_factory.mktemp("quant")
+    write_tiny_checkpoint(root / "float", "qwen3_moe", overrides=WIDE, seed=4)
+    model, config = mk.load_model(root / "float")
+    config = mk.quantize_model(model, config, group_size=64, bits=4)
+    return root / "float", _save(model, config, root / "q4")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "qwen3_vl_moe"])
+def test_quantized_round_trip(tmp_path, arch):
+    """quantize_model, save, load_model: the same logits, the same layers."""
+    write_tiny_checkpoint(tmp_path / "float", arch, overrides=_wide_overrides(arch), seed=5)
+    model, config = mk.load_model(tmp_path / "float")
+    config = mk.quantize_model(model, config, bits=4)
+    assert config["quantization_config"] == config["quantization"]
+    expected = model(TOKENS)
+    loaded, loaded_config = mk.load_model(_save(model, config, tmp_path / "q"))
+    assert loaded_config["quantization"] == config["quantization"]
+    assert [type(m) for _, m in loaded.named_modules()] == [type(m) for _, m in model.named_modules()]
+    assert mx.array_equal(loaded(TOKENS), expected)
+    assert loaded.layers[0].mlp.switch_mlp.uses_fused_kernel()
+
+
+def test_only_layers_with_scales_are_quantized(tmp_path):
+    """nn.quantize of the experts only, a config without overrides: the
+    loader quantizes exactly the layers whose scales the checkpoint holds."""
+    write_tiny_checkpoint(tmp_path / "float", "qwen3_moe", overrides=WIDE, seed=6)
+    model, config = mk.load_model(tmp_path / "float")
+    nn.quantize(model, 64, 8, class_predicate=lambda _, m: isinstance(m, mk.SwitchLinear))
+    config["quantization"] = {"group_size": 64, "bits": 8}
+    loaded, _ = mk.load_model(_save(model, config, tmp_path / "q"))
+    assert type(loaded.layers[0].mlp.switch_mlp.up_proj) is mk.QuantizedSwitchLinear
+    assert type(loaded.layers[0].mlp.gate) is nn.Linear
+    assert mx.array_equal(loaded(TOKENS), model(TOKENS))
+
+
+def test_dtype_keeps_packed_weights(quantized_folder):
+    model, _ = mk.load_model(quantized_folder[1], dtype="bfloat16")
+    up = model.layers[0].mlp.switch_mlp.up_proj
+    assert (up.weight.dtype, up.scales.dtype, up.biases.dtype) == (mx.uint32, mx.bfloat16, mx.bfloat16)
+    assert model(TOKENS).dtype == mx.bfloat16
+
+
+@pytest.mark.parametrize(
+    "arch, mode", [("qwen3_moe", "affine"), ("qwen3_moe", "mxfp4"), ("qwen2_moe", "affine"), ("qwen3_vl_moe", "affine")]
+)
+def test_mlx_lm_converted_checkpoint(tmp_path, arch, mode):
+    """A folder written by mlx-lm's own convert (quantized) loads into our
+    model and gives mlx-lm's logits."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    write_tiny_checkpoint(tmp_path / "hf", arch, overrides=_wide_overrides(arch), seed=7)
+    bits, group_size = (4, 64) if mode == "affine" else (4, 32)
+    mlx_lm.convert(str(tmp_path / "hf"), str(tmp_path / "mlx"), quantize=True, q_bits=bits, q_group_size=group_size, q_mode=mode)
+    ours, config = mk.load_model(tmp_path / "mlx")
+    theirs, _ = mlx_lm_load_model(tmp_path / "mlx")
+    experts = ours.layers[0].mlp.switch_mlp
+    assert experts.uses_fused_kernel() and experts.up_proj.quantization == (group_size, bits, mode)
+    expected = theirs(TOKENS)
+    got = ours(TOKENS)
+    assert got.shape == expected.shape
+    assert mx.abs(got - expected).max().item() <= 1e-4 * max(1.0, mx.abs(expected).max().item())
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"group_size": 64, "bits": "four"}, r"quantization\['bits'\] must be an integer"),
+        ({"group_size": 0, "bits": 4}, r"quantization\['group_size'\] must be a positive integer"),
+        ({"group_size": 64}, r"quantization has no 'bits'"),
+        ({"group_size": 64, "bits": 4, "mode": "int4"}, r"quantization\['mode'\] must be one of"),
+        ({"group_size": 64, "bits": 4, "model.layers.0.mlp.gate": 8}, r"quantization\['model\.layers\.0\.mlp\.gate'\] must be a dict"),
+        ({"group_size": 64, "bits": 4, "model.layers.0.mlp.gate": {"bits": 8, "bias": 1}}, r"\['model\.layers\.0\.mlp\.gate'\] has unsupported setting 'bias'"),
+        ({"group_size": 64, "bits": 4, "model.layers.0.mlp.gate": {"bits": 9}}, r"\['model\.layers\.0\.mlp\.gate'\]\['bits'\]"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, r"quantization describes a 'gptq' checkpoint"),
+        ("4bit", r"quantization must be an object"),
+        ({"group_size": 64, "bits": 4, "model.norm": {"bits": 4}}, r"quantization\['model\.norm'\]: a RMSNorm cannot be quantized"),
+        ({"group_size": 64, "bits": 4, "model.layers.0.mlp.gate": {"group_size": 128}}, r"cannot quantize 'model\.layers\.0\.mlp\.gate'"),
+        ({"group_size": 64, "bits": 8}, r"has shape .* \(quantized: group_size 64, bits 8, mode affine\)"),
+    ],
+)
+def test_malformed_quantization_is_named(quantized_folder, tmp_path, section, message):
+    folder = _copy(quantized_folder[1], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("quantization_config")
+    config["quantization"] = section
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        mk.load_model(folder)
+
+
+def test_quantization_config_and_text_config_sections(quantized_folder, tmp_path):
+    folder = _copy(quantized_folder[1], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    section = config.pop("quantization")
+    (folder / "config.json").write_text(json.dumps(config))  # quantization_config only
+    model, _ = mk.load_model(folder)
+    assert type(model.layers[0].mlp.gate) is nn.QuantizedLinear and model.layers[0].mlp.gate.bits == 8
+    config.pop("quantization_config")
+    config["text_config"] = {"quantization": section}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert mk.load_model(folder)[0].layers[0].mlp.gate.bits == 8
+
+
+def test_quantized_weights_without_section_are_named(quantized_folder, tmp_path):
+    folder = _copy(quantized_folder[1], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization"], config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unexpected weight '.*\.(scales|biases)'.*no 'quantization' section"):
+        mk.load_model(folder)
+
+
+def test_missing_scales_are_named(quantized_folder, tmp_path):
+    folder = _copy(quantized_folder[1], tmp_path)
+    key = "model.layers.2.mlp.switch_mlp.down_proj"
+    _rewrite_single(folder, lambda w: (w.pop(f"{key}.scales"), w.pop(f"{key}.biases")))
+    with pytest.raises(ValueError, match=rf"'{key}\.weight' is packed \(uint32\) but the checkpoint has no '{key}\.scales'"):
+        mk.load_model(folder)
+    folder = _copy(quantized_folder[1], tmp_path / "b")
+    _rewrite_single(folder, lambda w: w.pop(f"{key}.biases"))
+    with pytest.raises(ValueError, match=rf"missing weight '{key}\.biases'.*bits 4"):
+        mk.load_model(folder)

@@ -444,11 +444,14 @@ def gather_mm_workload(spec: CellSpec, resources: CellResources) -> Workload:
     )
 
 
-def stock_switch_glu(x, gate, up, down, indices, scores):
+def stock_switch_glu(x, gate, up, down, indices, scores, *, group_size=None, bits=None, mode="affine"):
     """The stock MoE layer: mlx-lm's SwitchGLU on ``mx.gather_mm`` (sorting
     the rows by expert when there are at least 64, as mlx-lm does), then the
     score-weighted sum over the k experts as mlx-lm's MoE blocks compute it.
-    ``x`` [T, D], ``indices`` and ``scores`` [T, k]; returns [T, D]."""
+    ``x`` [T, D], ``indices`` and ``scores`` [T, k]; returns [T, D].
+    Quantized weights (``(weight, scales, biases)`` triples, the format in
+    ``group_size``/``bits``/``mode``) go through ``mx.gather_qmm``, as
+    mlx-lm's ``QuantizedSwitchLinear`` does."""
     x = mx.expand_dims(x, (-2, -3))
     sort_rows = indices.size >= 64
     idx, inverse = indices, None
@@ -458,11 +461,19 @@ def stock_switch_glu(x, gate, up, down, indices, scores):
         inverse = mx.argsort(order)
         x = x.flatten(0, -3)[order // indices.shape[-1]]
         idx = flat[order]
-    g = mx.gather_mm(x, gate.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sort_rows)
-    u = mx.gather_mm(x, up.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sort_rows)
-    y = mx.gather_mm(
-        nn.silu(g) * u, down.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sort_rows
-    )
+
+    def project(rows, weight):
+        if isinstance(weight, (tuple, list)):
+            w, s, b = weight
+            return mx.gather_qmm(
+                rows, w, s, b, rhs_indices=idx, transpose=True, group_size=group_size,
+                bits=bits, mode=mode, sorted_indices=sort_rows,
+            )
+        return mx.gather_mm(rows, weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sort_rows)
+
+    g = project(x, gate)
+    u = project(x, up)
+    y = project(nn.silu(g) * u, down)
     if sort_rows:
         y = mx.unflatten(y[inverse], 0, indices.shape)
     return (y.squeeze(-2) * scores[..., None]).sum(-2)

@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate text from a local checkpoint folder",
         description=_wrap(
             "Load a Qwen2-MoE, Qwen3-MoE or Qwen3-VL-MoE (text) checkpoint folder "
-            "(config.json, model.safetensors or a sharded index, tokenizer.json) "
+            "(config.json, model.safetensors or a sharded index, tokenizer.json; "
+            "float or MLX-quantized weights) "
             "with our model definitions, stream the completion of a prompt and "
             "print prompt and generation speed. With --compare, also run the stock "
             "path (mlx-lm's model class with its unfused SwitchGLU if mlx-lm is "
@@ -244,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast the weights to this dtype (default: as stored)",
     )
     generate_parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    quant = generate_parser.add_argument_group(
+        "quantize on the fly",
+        "quantize a float checkpoint after loading (nn.quantize with the model's predicate, "
+        "e.g. Qwen3-MoE's 8-bit routers; layers whose input size is not a multiple of the "
+        "group size stay float); given any of these options",
+    )
+    quant.add_argument(
+        "--bits", type=_positive_int, metavar="N", help="bits per weight (default: the mode's, 4)"
+    )
+    quant.add_argument(
+        "--group-size", type=_positive_int, metavar="N",
+        help="quantization group size (default: the mode's; affine 64, mxfp4 32)",
+    )
+    quant.add_argument(
+        "--quant-mode", choices=["affine", "mxfp4", "nvfp4", "mxfp8"],
+        help="quantization mode (default: affine); our kernels take affine and mxfp4",
+    )
     generate_parser.add_argument(
         "--compare", action="store_true", help="also run the stock path and compare speed and logits"
     )
@@ -261,8 +279,15 @@ def _stock_model(model, config):
 
     from mlx_moe_kernels.loading import hub_style_config
 
+    import mlx.nn as nn
+
     model_type = config["model_type"]
     hub = hub_style_config(config)
+    # Quantized layers of ours, by path: the stock model is quantized alike.
+    quantized = {
+        path: {"group_size": m.group_size, "bits": m.bits, "mode": getattr(m, "mode", "affine")}
+        for path, m in model.named_modules() if "scales" in m
+    }
     # mlx-lm's Qwen2-MoE ignores these fields; it would compute another model.
     if model_type == "qwen2_moe" and (
         hub.get("norm_topk_prob") or hub.get("decoder_sparse_step", 1) != 1
@@ -274,21 +299,38 @@ def _stock_model(model, config):
 
         arch = importlib.import_module(f"mlx_lm.models.{model_type}")
         stock = arch.Model(arch.ModelArgs.from_dict(hub))
+        if quantized:
+            nn.quantize(stock, class_predicate=lambda path, _: dict(quantized[path]) if path in quantized else False)
         stock.load_weights(tree_flatten(model.parameters()), strict=True)
         stock.eval()
-        return stock, f"mlx-lm's mlx_lm.models.{model_type} (stock SwitchGLU on mx.gather_mm)"
+        matmul = "mx.gather_qmm" if quantized else "mx.gather_mm"
+        return stock, f"mlx-lm's mlx_lm.models.{model_type} (stock SwitchGLU on {matmul})"
     except Exception as error:  # ImportError, or a config/weights mlx-lm does not take
         return None, f"our model with the plain-MLX reference experts (mlx-lm unavailable: {error})"
 
 
+def _quant_summary(section) -> str:
+    """``group_size 64, bits 4, mode affine (+2 layers with their own settings)``."""
+    overrides = len(section) - 3
+    extra = f" (+{overrides} layers with their own settings)" if overrides else ""
+    return f"group_size {section['group_size']}, bits {section['bits']}, mode {section['mode']}{extra}"
+
+
 def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from mlx_moe_kernels.generate import eos_token_ids, load_tokenizer, stream_generate
-    from mlx_moe_kernels.loading import load_model
+    from mlx_moe_kernels.loading import load_model, quantization_config, quantize_model
 
     if args.temp < 0 or not 0.0 < args.top_p <= 1.0:
         parser.error("--temp must be >= 0 and --top-p in (0, 1]")
     try:
         model, config = load_model(args.model, dtype=args.dtype)
+        if (args.bits, args.group_size, args.quant_mode) != (None, None, None):
+            if quantization_config(config) is not None:
+                raise ValueError(f"{args.model} is already quantized: drop --bits/--group-size/--quant-mode")
+            config = quantize_model(
+                model, config, group_size=args.group_size, bits=args.bits, mode=args.quant_mode or "affine"
+            )
+            print(f"[quantized on the fly: {_quant_summary(config['quantization'])}]")
         tokenizer = load_tokenizer(args.model)
         eos_ids = eos_token_ids(config, args.model)
     except (FileNotFoundError, ValueError, ImportError) as error:

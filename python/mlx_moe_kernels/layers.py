@@ -10,7 +10,11 @@ They return what mlx-lm's layers return. Differences:
   groups the rows by expert itself, so the layers never sort tokens);
 * ``SwitchGLU`` with its default SwiGLU activation and no bias runs the
   fused :func:`~mlx_moe_kernels.switch_glu` op, and its ``__call__`` takes
-  optional routing ``scores`` to fuse the weighted combine of a MoE block.
+  optional routing ``scores`` to fuse the weighted combine of a MoE block;
+* ``QuantizedSwitchLinear`` (what ``nn.quantize`` turns a ``SwitchLinear``
+  into) computes with our :func:`~mlx_moe_kernels.gather_qmm`, and a
+  ``SwitchGLU`` whose three projections are quantized alike runs the fused
+  op on the quantized weights.
 
 mlx-lm is not needed to use these layers.
 """
@@ -19,19 +23,28 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_moe_kernels import ops
 from mlx_moe_kernels.ops import gather_mm, switch_glu
 
-__all__ = ["SwiGLU", "SwitchLinear", "SwitchGLU", "SwitchMLP"]
+__all__ = ["SwiGLU", "SwitchLinear", "QuantizedSwitchLinear", "SwitchGLU", "SwitchMLP"]
 
 # Where mlx-lm defines its SwiGLU activation module, which we treat as our
 # default activation (looked up in sys.modules only: if a model holds an
 # instance, the module is loaded, and mlx-lm never becomes a dependency).
 _MLX_LM_SWITCH_LAYERS = "mlx_lm.models.switch_layers"
+
+# Quantization modes our gather_qmm / switch_glu kernels take; layers in
+# other modes (nvfp4, mxfp8) compute with mx.gather_qmm instead.
+KERNEL_QUANT_MODES = ("affine", "mxfp4")
+
+# (group_size, bits) when nn.quantize passes None, per mode, as mlx.nn's
+# quantized layers default them.
+_QUANT_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
 
 
 class SwiGLU(nn.Module):
@@ -120,24 +133,143 @@ class SwitchLinear(nn.Module):
         return out
 
     def to_quantized(
-        self, group_size: int = 64, bits: int = 4, mode: str = "affine", global_scale: bool = False
-    ) -> nn.Module:
-        """The quantized layer ``nn.quantize`` swaps in: mlx-lm's
-        ``QuantizedSwitchLinear`` (needs mlx-lm) with this layer's weights
-        quantized and its bias kept. A ``SwitchGLU`` holding quantized
-        projections computes with them through the unfused path."""
-        try:
-            from mlx_lm.models.switch_layers import QuantizedSwitchLinear
-        except ImportError as error:  # pragma: no cover - mlx-lm is a test dependency
-            raise ImportError("Quantizing a SwitchLinear needs mlx-lm's QuantizedSwitchLinear.") from error
-        num_experts, output_dims, input_dims = self.weight.shape
-        quantized = QuantizedSwitchLinear(
-            input_dims, output_dims, num_experts, False, group_size, bits, mode=mode
-        )
-        quantized._quantize(self.weight, global_scale)
-        if "bias" in self:
-            quantized.bias = self.bias
+        self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: str = "affine"
+    ) -> "QuantizedSwitchLinear":
+        """This layer's weights quantized (its bias kept): the
+        :class:`QuantizedSwitchLinear` that ``nn.quantize`` swaps in.
+        ``None`` group size or bits take the mode's defaults (affine: 64
+        and 4)."""
+        return QuantizedSwitchLinear.from_linear(self, group_size, bits, mode)
+
+
+def _quant_params(group_size: Optional[int], bits: Optional[int], mode: str):
+    """``(group_size, bits)`` with ``None`` replaced by ``mode``'s default."""
+    if mode not in _QUANT_DEFAULTS:
+        raise ValueError(f"unknown quantization mode {mode!r} (known: {', '.join(_QUANT_DEFAULTS)})")
+    default_group_size, default_bits = _QUANT_DEFAULTS[mode]
+    return group_size or default_group_size, bits or default_bits
+
+
+class QuantizedSwitchLinear(nn.Module):
+    """A :class:`SwitchLinear` with quantized weights (``mx.quantize``
+    formats), as mlx-lm's ``QuantizedSwitchLinear``.
+
+    Parameters, as mlx-lm names and shapes them: ``weight`` (uint32,
+    ``[E, out, in * bits / 32]``), ``scales`` (``[E, out, in / group_size]``),
+    ``biases`` (affine mode only, same shape) and, with ``bias``, ``bias``
+    ``[E, out]``. All are frozen: the quantized weights have no gradient,
+    while gradients still flow to the input (e.g. to LoRA layers around it).
+
+    Args:
+        input_dims: Input features (a multiple of ``group_size``).
+        output_dims: Output features.
+        num_experts: Number of experts.
+        bias: Whether to add a per-expert (unquantized) bias.
+        group_size: Quantization group size; ``None``: the mode's default.
+        bits: Bits per weight; ``None``: the mode's default.
+        mode: ``"affine"`` or ``"mxfp4"`` (our kernels), or another
+            ``mx.quantize`` mode (computed with ``mx.gather_qmm``).
+    """
+
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        num_experts: int,
+        bias: bool = True,
+        group_size: Optional[int] = 64,
+        bits: Optional[int] = 4,
+        mode: str = "affine",
+    ):
+        super().__init__()
+        self.group_size, self.bits = _quant_params(group_size, bits, mode)
+        self.mode = mode
+        bound = math.sqrt(1.0 / input_dims)
+        self._quantize(mx.random.uniform(low=-bound, high=bound, shape=(num_experts, output_dims, input_dims)))
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
+        self.freeze()
+
+    def _quantize(self, weight: mx.array) -> None:
+        self.weight, self.scales, *biases = mx.quantize(weight, self.group_size, self.bits, mode=self.mode)
+        self.biases = biases[0] if biases else None  # None: not a parameter
+
+    @classmethod
+    def from_linear(
+        cls, layer: nn.Module, group_size: Optional[int] = None, bits: Optional[int] = None, mode: str = "affine"
+    ) -> "QuantizedSwitchLinear":
+        """``layer`` (ours or mlx-lm's ``SwitchLinear``: ``weight``
+        ``[E, out, in]``, optional ``bias``) with its weights quantized and
+        its bias array kept."""
+        quantized = cls.__new__(cls)
+        nn.Module.__init__(quantized)
+        quantized.group_size, quantized.bits = _quant_params(group_size, bits, mode)
+        quantized.mode = mode
+        quantized._quantize(layer["weight"])
+        if "bias" in layer:
+            quantized.bias = layer["bias"]
+        quantized.freeze()
         return quantized
+
+    @classmethod
+    def from_weights(
+        cls,
+        weight: mx.array,
+        scales: mx.array,
+        biases: Optional[mx.array] = None,
+        bias: Optional[mx.array] = None,
+        *,
+        group_size: int = 64,
+        bits: int = 4,
+        mode: str = "affine",
+    ) -> "QuantizedSwitchLinear":
+        """A layer holding the given quantized arrays themselves (no copy),
+        e.g. those of an mlx-lm ``QuantizedSwitchLinear``."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.group_size, layer.bits, layer.mode = group_size, bits, mode
+        layer.weight, layer.scales, layer.biases = weight, scales, biases
+        if bias is not None:
+            layer.bias = bias
+        layer.freeze()
+        return layer
+
+    @property
+    def input_dims(self) -> int:
+        """Input features (unpacked)."""
+        return self.scales.shape[2] * self.group_size
+
+    @property
+    def output_dims(self) -> int:
+        """Output features."""
+        return self.weight.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        """Number of experts."""
+        return self.weight.shape[0]
+
+    @property
+    def quantization(self) -> Tuple[int, int, str]:
+        """``(group_size, bits, mode)``."""
+        return self.group_size, self.bits, self.mode
+
+    def quantized_weights(self) -> Tuple[mx.array, mx.array, Optional[mx.array]]:
+        """``(weight, scales, biases)`` as the quantized ops take them."""
+        return self["weight"], self["scales"], self.get("biases")
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        """``x[i] @ dequantize(weight[indices[i]]).T (+ bias[indices[i]])``,
+        as mlx-lm's ``QuantizedSwitchLinear``: ``x`` ``[..., M, input_dims]``
+        -> ``[..., M, output_dims]``. ``sorted_indices`` is a hint only."""
+        gather_qmm = ops.gather_qmm if self.mode in KERNEL_QUANT_MODES else mx.gather_qmm
+        out = gather_qmm(
+            x, *self.quantized_weights(), rhs_indices=indices, transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+        )
+        if "bias" in self:
+            out = out + mx.expand_dims(self["bias"][indices], -2)
+        return out
 
 
 class SwitchGLU(nn.Module):
@@ -147,10 +279,12 @@ class SwitchGLU(nn.Module):
     Same constructor, parameters (``gate_proj``, ``up_proj``, ``down_proj``,
     each a :class:`SwitchLinear`) and outputs as mlx-lm's ``SwitchGLU``.
     With the default SwiGLU activation (ours or mlx-lm's ``SwiGLU``) and no
-    bias, the call is one fused :func:`~mlx_moe_kernels.switch_glu` op;
-    otherwise (another activation, biases, or projections replaced by other
-    modules such as quantized ones) it is composed from the projections,
-    with the same result as mlx-lm.
+    bias, the call is one fused :func:`~mlx_moe_kernels.switch_glu` op, on
+    float weights or, after ``nn.quantize``, on the quantized weights of
+    three :class:`QuantizedSwitchLinear` projections with the same
+    quantization (affine or mxfp4); otherwise (another activation, biases,
+    mixed or other quantization, other modules) it is composed from the
+    projections, with the same result as mlx-lm.
 
     Args:
         input_dims: Model dimension ``D``.
@@ -195,12 +329,24 @@ class SwitchGLU(nn.Module):
 
     def uses_fused_kernel(self) -> bool:
         """Whether calls run the fused ``switch_glu`` op: default SwiGLU
-        activation, and plain :class:`SwitchLinear` projections without
-        bias."""
+        activation, and three projections without bias that are all plain
+        :class:`SwitchLinear` or all :class:`QuantizedSwitchLinear` with
+        the same quantization in a mode our kernels take."""
+        return self._fused_quantization() is not False
+
+    def _fused_quantization(self):
+        """``False`` (unfused), ``None`` (fused, float weights) or the
+        ``(group_size, bits, mode)`` of fused quantized projections."""
         projections = (self.gate_proj, self.up_proj, self.down_proj)
-        return is_default_activation(self.activation) and all(
-            type(p) is SwitchLinear and "bias" not in p for p in projections
-        )
+        if not is_default_activation(self.activation) or any("bias" in p for p in projections):
+            return False
+        if all(type(p) is SwitchLinear for p in projections):
+            return None
+        if all(type(p) is QuantizedSwitchLinear for p in projections):
+            params = {p.quantization for p in projections}
+            if len(params) == 1 and self.gate_proj.mode in KERNEL_QUANT_MODES:
+                return params.pop()
+        return False
 
     def __call__(self, x: mx.array, indices: mx.array, scores: Optional[mx.array] = None) -> mx.array:
         """Apply the experts ``indices`` (``[..., k]``) selects to the tokens
@@ -212,7 +358,8 @@ class SwitchGLU(nn.Module):
         The indices get no gradient.
         """
         indices = mx.stop_gradient(indices)
-        if self.uses_fused_kernel() and indices.shape[:-1] == x.shape[:-1]:
+        quantization = self._fused_quantization()
+        if quantization is None and indices.shape[:-1] == x.shape[:-1]:
             return switch_glu(
                 x,
                 self.gate_proj["weight"],
@@ -220,6 +367,19 @@ class SwitchGLU(nn.Module):
                 self.down_proj["weight"],
                 indices,
                 scores,
+            )
+        if quantization and indices.shape[:-1] == x.shape[:-1]:
+            group_size, bits, mode = quantization
+            return ops.switch_glu(
+                x,
+                self.gate_proj.quantized_weights(),
+                self.up_proj.quantized_weights(),
+                self.down_proj.quantized_weights(),
+                indices,
+                scores,
+                group_size=group_size,
+                bits=bits,
+                mode=mode,
             )
         rows = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
         up = self.up_proj(rows, indices)  # [..., k, 1, H]

@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_moe_kernels.layers import SwitchGLU, SwitchLinear
+from mlx_moe_kernels.layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 
 __all__ = ["patch", "unpatch"]
 
@@ -149,6 +149,21 @@ def _restored_from(ours: SwitchGLU) -> nn.Module:
 
 
 # ------------------------------------------------- fused MoE combines
+def _expert_output_dtype(experts: SwitchGLU, x: mx.array) -> mx.Dtype:
+    """The dtype of ``experts(x, inds)`` (mlx-lm's ``y``): ``x`` promoted
+    with the float weights, or with the scales and biases of affine
+    quantized ones (other quantization modes keep ``x``'s dtype)."""
+    arrays = []
+    for name in _PROJECTIONS:
+        projection = experts[name]
+        if isinstance(projection, QuantizedSwitchLinear):
+            if projection.mode == "affine":
+                arrays += [a for a in (projection["scales"], projection.get("biases")) if a is not None]
+        else:
+            arrays.append(projection["weight"])
+    return mx.result_type(x, *arrays)
+
+
 def _combined_experts(
     experts: nn.Module, x: mx.array, inds: mx.array, scores: mx.array, keep_expert_dtype: bool
 ) -> mx.array:
@@ -160,8 +175,7 @@ def _combined_experts(
     if isinstance(experts, SwitchGLU) and experts.uses_fused_kernel():
         combined = experts(x, inds, scores)
         if keep_expert_dtype:
-            weights = (experts[name]["weight"] for name in _PROJECTIONS)
-            combined = combined.astype(mx.result_type(x, *weights))
+            combined = combined.astype(_expert_output_dtype(experts, x))
         return combined
     y = experts(x, inds)
     combined = (y * scores[..., None]).sum(axis=-2)

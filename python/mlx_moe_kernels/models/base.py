@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_moe_kernels import reference
-from mlx_moe_kernels.layers import SwitchGLU
+from mlx_moe_kernels.layers import QuantizedSwitchLinear, SwitchGLU
 
 __all__ = [
     "BaseModelArgs",
@@ -230,20 +230,22 @@ def run_experts(switch_mlp: SwitchGLU, x: mx.array, inds: mx.array, scores: mx.a
 
     ``fused`` (the default of the blocks): our ``SwitchGLU`` with the
     combine fused into its down kernel. Otherwise the plain-MLX reference
-    composition (``mlx_moe_kernels.reference.switch_glu``), the "stock"
+    composition (``mlx_moe_kernels.reference.switch_glu``, on the quantized
+    weights if ``nn.quantize`` made the projections quantized), the "stock"
     path ``mlx-moe generate --compare`` falls back to without mlx-lm.
     """
-    if fused:
+    projections = (switch_mlp.gate_proj, switch_mlp.up_proj, switch_mlp.down_proj)
+    quantized = [p for p in projections if isinstance(p, QuantizedSwitchLinear)]
+    if fused or (quantized and (len(quantized) < 3 or len({p.quantization for p in quantized}) > 1)):
+        # (The reference takes one quantization for all three projections;
+        # mixed ones are composed per projection by our layer.)
         out = switch_mlp(x, inds, scores)
+    elif quantized:
+        group_size, bits, mode = quantized[0].quantization
+        weights = [p.quantized_weights() for p in projections]
+        out = reference.switch_glu(x, *weights, inds, scores, group_size=group_size, bits=bits, mode=mode)
     else:
-        out = reference.switch_glu(
-            x,
-            switch_mlp.gate_proj.weight,
-            switch_mlp.up_proj.weight,
-            switch_mlp.down_proj.weight,
-            inds,
-            scores,
-        )
+        out = reference.switch_glu(x, *(p.weight for p in projections), inds, scores)
     return out.astype(x.dtype)
 
 

@@ -28,7 +28,7 @@ score-weighted combine fused into its down-projection kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -203,6 +203,20 @@ class Model(nn.Module):
             stack_per_expert(weights, prefix, self.args.num_experts)
             split_fused_experts(weights, prefix, self.args.hidden_size, self.args.moe_intermediate_size)
         return weights
+
+    @property
+    def quant_predicate(self) -> Callable[[str, nn.Module], Union[bool, Dict[str, int]]]:
+        """The ``nn.quantize`` class predicate for this model, as mlx-lm's:
+        the routers (``...mlp.gate``, small D -> E linears whose rounding
+        errors would change which experts run) at 8 bits, group size 64;
+        every other layer with the settings of the call."""
+
+        def predicate(path: str, _module: nn.Module):
+            if path.endswith("mlp.gate"):
+                return {"group_size": 64, "bits": 8}
+            return True
+
+        return predicate
 
     @property
     def layers(self) -> List[Qwen3MoeDecoderLayer]:

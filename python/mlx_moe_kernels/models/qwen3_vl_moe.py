@@ -25,7 +25,7 @@ and this shortcut would be wrong; that is why only text is supported.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -112,6 +112,13 @@ class Model(nn.Module):
         out = {f"language_model.{key}": value for key, value in text.items()}
         out.update(other)
         return out
+
+    @property
+    def quant_predicate(self) -> Callable[[str, nn.Module], Union[bool, Dict[str, int]]]:
+        """The text model's ``nn.quantize`` predicate (routers at 8 bits,
+        see :attr:`qwen3_moe.Model.quant_predicate`); it matches paths by
+        their ending, so it holds for this model's paths too."""
+        return self.language_model.quant_predicate
 
     @property
     def layers(self) -> List[qwen3_moe.Qwen3MoeDecoderLayer]:
