@@ -168,7 +168,7 @@ def main() -> int:
         gate = quantize(gate, group_size, bits, dtype) if layer else None
         down = quantize(down, group_size, bits, dtype) if layer else None
         mx.eval(up, gate, down)
-        expert_bytes = sum(a[0].nbytes for a in up) // E
+        expert_bytes = sum(a.nbytes for a in up) // E
     quantization = dict(group_size=group_size, bits=bits) if bits is not None else {}
     bandwidth_buffer = np.ones(128 * 1024 * 1024, dtype=np.float32) if bits is not None else None
     projections = 3 if layer else 1

@@ -8,14 +8,52 @@
 // never expanded beyond one block.
 #pragma once
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/dot_kernels.h"
 #include "cpu/gather_qmm_problem.h"
 #include "cpu/quantized.h"
 
+#if defined(MLX_MOE_DOT_BF16)
+#include "cpu/quantized_dot_avx512.h"
+#endif
+
 namespace mlx_moe::cpu {
 namespace {
+
+// Up to this many activation rows per weight block, the direct kernel (where
+// the build has one for the format) multiplies the packed codes in
+// registers; beyond, dequantizing the block once into cache and running
+// the dot engine on it costs less per row.
+constexpr int64_t kDirectRowLimit = 16;
+
+// The direct few-rows kernel: true when it ran (this build has one for the
+// dtype, format and row count), false when the caller must dequantize.
+template <typename T>
+bool direct_quantized_dot(
+    const QuantizedMatrices& q,
+    const QuantizedRowRef* w,
+    int64_t columns,
+    const T* const* x_rows,
+    int64_t x_col_stride,
+    int64_t num_rows,
+    int64_t K,
+    float* acc,
+    int64_t ldacc) {
+#if defined(MLX_MOE_DOT_BF16)
+  if constexpr (std::is_same_v<T, BFloat16Bits>) {
+    if (x_col_stride == 1 && num_rows <= kDirectRowLimit && direct_dot_supports(q)) {
+      direct_dot_bf16(
+          q, w, columns, reinterpret_cast<const uint16_t* const*>(x_rows), num_rows, K, acc, ldacc);
+      return true;
+    }
+  }
+#endif
+  (void)q, (void)w, (void)columns, (void)x_rows, (void)x_col_stride, (void)num_rows, (void)K,
+      (void)acc, (void)ldacc;
+  return false;
+}
 
 template <typename T>
 struct QuantizedTaskScratch {
@@ -25,6 +63,7 @@ struct QuantizedTaskScratch {
   std::vector<const void*> x_rows;
   std::vector<void*> out_rows;
   std::vector<const T*> w_rows;
+  std::vector<QuantizedRowRef> refs;
 };
 
 template <typename T>
@@ -85,10 +124,23 @@ void gather_qmm_task_typed(const GatherQMMProblem& p, const GatherMMTask& task) 
   s.accumulators.assign(num_rows * columns, 0.0f);
   if (p.K > 0) {
     const int64_t matrix = p.matrix_of_pair[p.pair_order[begin]];
-    dequantize_columns<T>(p.w, p.transpose, matrix, task.n_begin, columns, p.K, s);
-    dot_rows<T>(
-        s.w_rows.data(), columns, reinterpret_cast<const T* const*>(s.x_rows.data()),
-        p.x_col_stride, num_rows, p.K, s.accumulators.data(), columns);
+    const T* const* x_rows = reinterpret_cast<const T* const*>(s.x_rows.data());
+    bool done = false;
+    if (p.transpose) {
+      s.refs.resize(columns);
+      for (int64_t c = 0; c < columns; ++c) {
+        s.refs[c] = quantized_row<T>(p.w, matrix, task.n_begin + c);
+      }
+      done = direct_quantized_dot<T>(
+          p.w, s.refs.data(), columns, x_rows, p.x_col_stride, num_rows, p.K,
+          s.accumulators.data(), columns);
+    }
+    if (!done) {
+      dequantize_columns<T>(p.w, p.transpose, matrix, task.n_begin, columns, p.K, s);
+      dot_rows<T>(
+          s.w_rows.data(), columns, x_rows, p.x_col_stride, num_rows, p.K,
+          s.accumulators.data(), columns);
+    }
   }
   for (int64_t r = 0; r < num_rows; ++r) {
     T* o = static_cast<T*>(s.out_rows[r]);

@@ -46,6 +46,24 @@ struct QuantizedMatrices {
 
 namespace {
 
+// One weight row of a quantized matrix: its codes and its groups' scales
+// and biases (affine: compute dtype; mxfp4: E8M0 bytes, no biases).
+struct QuantizedRowRef {
+  const uint8_t* codes;
+  const void* scales;
+  const void* biases;
+};
+
+template <typename T>
+inline QuantizedRowRef quantized_row(const QuantizedMatrices& q, int64_t matrix, int64_t row) {
+  const int64_t scale_offset = matrix * q.scale_matrix_stride + row * q.scale_row_stride;
+  const size_t scale_bytes = q.mode == QuantizationMode::mxfp4 ? 1 : sizeof(T);
+  return {
+      q.packed + matrix * q.matrix_bytes + row * q.row_bytes,
+      static_cast<const uint8_t*>(q.scales) + scale_offset * scale_bytes,
+      q.biases ? static_cast<const uint8_t*>(q.biases) + scale_offset * scale_bytes : nullptr};
+}
+
 // The 16 values of a 4-bit e2m1 float.
 constexpr float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu/dot_kernels.h"
+#include "cpu/gather_qmm_kernels.h"
 #include "cpu/quantized.h"
 #include "cpu/switch_glu_problem.h"
 
@@ -35,6 +36,7 @@ struct SwitchGluScratch {
   std::vector<float> products; // [rows, columns] of one expert
   std::vector<float> out;      // [tokens, columns] of a down task
   std::vector<uint8_t> dequantized; // quantized weight rows in the compute dtype
+  std::vector<QuantizedRowRef> refs; // quantized weight rows, for the direct kernel
 };
 
 // Rows [row_begin, row_begin + count) of expert `expert` of a quantized
@@ -82,10 +84,23 @@ void gate_up_task_typed(const SwitchGluProblem& p, const GateUpTask& task) {
     s.x_rows[r] = x + token * p.x_row_stride;
   }
   s.w_rows.resize(2 * columns);
+  s.products.assign(rows * 2 * columns, 0.0f);
+  const T* const* x_rows = reinterpret_cast<const T* const*>(s.x_rows.data());
+  bool done = false;
   if (p.quantized) {
-    T* buffer = dequantized_buffer<T>(s, 2 * columns * p.model_dims);
-    dequantize_expert_rows<T>(p.gate_quantized, task.expert, task.h_begin, columns, p.model_dims, 2, 0, s, buffer);
-    dequantize_expert_rows<T>(p.up_quantized, task.expert, task.h_begin, columns, p.model_dims, 2, 1, s, buffer);
+    s.refs.resize(2 * columns);
+    for (int64_t c = 0; c < columns; ++c) {
+      s.refs[2 * c] = quantized_row<T>(p.gate_quantized, task.expert, task.h_begin + c);
+      s.refs[2 * c + 1] = quantized_row<T>(p.up_quantized, task.expert, task.h_begin + c);
+    }
+    done = direct_quantized_dot<T>(
+        p.gate_quantized, s.refs.data(), 2 * columns, x_rows, 1, rows, p.model_dims,
+        s.products.data(), 2 * columns);
+    if (!done) {
+      T* buffer = dequantized_buffer<T>(s, 2 * columns * p.model_dims);
+      dequantize_expert_rows<T>(p.gate_quantized, task.expert, task.h_begin, columns, p.model_dims, 2, 0, s, buffer);
+      dequantize_expert_rows<T>(p.up_quantized, task.expert, task.h_begin, columns, p.model_dims, 2, 1, s, buffer);
+    }
   } else {
     const T* gate = static_cast<const T*>(p.gate) + task.expert * p.gate_up_expert_stride;
     const T* up = static_cast<const T*>(p.up) + task.expert * p.gate_up_expert_stride;
@@ -94,11 +109,11 @@ void gate_up_task_typed(const SwitchGluProblem& p, const GateUpTask& task) {
       s.w_rows[2 * c + 1] = up + (task.h_begin + c) * p.gate_up_row_stride;
     }
   }
-  s.products.assign(rows * 2 * columns, 0.0f);
-  dot_rows<T>(
-      reinterpret_cast<const T* const*>(s.w_rows.data()), 2 * columns,
-      reinterpret_cast<const T* const*>(s.x_rows.data()), 1, rows, p.model_dims,
-      s.products.data(), 2 * columns);
+  if (!done) {
+    dot_rows<T>(
+        reinterpret_cast<const T* const*>(s.w_rows.data()), 2 * columns, x_rows, 1, rows,
+        p.model_dims, s.products.data(), 2 * columns);
+  }
   T* hidden = static_cast<T*>(p.hidden);
   for (int64_t r = 0; r < rows; ++r) {
     const float* pr = s.products.data() + r * 2 * columns;
@@ -147,20 +162,32 @@ void down_task_typed(const SwitchGluProblem& p, const DownTask& task) {
     for (int64_t r = 0; r < rows; ++r) {
       s.x_rows[r] = hidden + (begin + r) * p.hidden_dims;
     }
+    s.products.assign(rows * columns, 0.0f);
+    const T* const* x_rows = reinterpret_cast<const T* const*>(s.x_rows.data());
+    bool done = false;
     if (p.quantized) {
-      T* buffer = dequantized_buffer<T>(s, columns * p.hidden_dims);
-      dequantize_expert_rows<T>(p.down_quantized, e, task.d_begin, columns, p.hidden_dims, 1, 0, s, buffer);
+      s.refs.resize(columns);
+      for (int64_t c = 0; c < columns; ++c) {
+        s.refs[c] = quantized_row<T>(p.down_quantized, e, task.d_begin + c);
+      }
+      done = direct_quantized_dot<T>(
+          p.down_quantized, s.refs.data(), columns, x_rows, 1, rows, p.hidden_dims,
+          s.products.data(), columns);
+      if (!done) {
+        T* buffer = dequantized_buffer<T>(s, columns * p.hidden_dims);
+        dequantize_expert_rows<T>(p.down_quantized, e, task.d_begin, columns, p.hidden_dims, 1, 0, s, buffer);
+      }
     } else {
       const T* down = static_cast<const T*>(p.down) + e * p.down_expert_stride;
       for (int64_t c = 0; c < columns; ++c) {
         s.w_rows[c] = down + (task.d_begin + c) * p.down_row_stride;
       }
     }
-    s.products.assign(rows * columns, 0.0f);
-    dot_rows<T>(
-        reinterpret_cast<const T* const*>(s.w_rows.data()), columns,
-        reinterpret_cast<const T* const*>(s.x_rows.data()), 1, rows, p.hidden_dims,
-        s.products.data(), columns, prefetch_next ? following : nullptr);
+    if (!done) {
+      dot_rows<T>(
+          reinterpret_cast<const T* const*>(s.w_rows.data()), columns, x_rows, 1, rows,
+          p.hidden_dims, s.products.data(), columns, prefetch_next ? following : nullptr);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t slot = p.order[begin + r];
       const float* pr = s.products.data() + r * columns;

@@ -1,0 +1,282 @@
+// The AVX-512 build's direct quantized dot products, for few activation
+// rows (decode): bfloat16 activations times 4-bit (group 64 or 128) or
+// 8-bit (any group) affine codes, with no dequantized copy of the weights.
+//
+// The codes become bfloat16 values exactly, two bitwise instructions per 32
+// of them: a code nibble n placed in the low mantissa bits of a bfloat16
+// whose exponent says 128 is the value 128 + n (0x4300 | n), and a nibble
+// shifted into mantissa bits 3..6 under exponent 16 (or 256) is 16 + n (256
+// + 16 n). VDPBF16PS then multiplies them with the activations exactly and
+// accumulates in float32, and the constant offsets come back out through
+// the per-group activation sums:
+//
+//   sum_k q_k x_k = sum_k (c_k + q_k) x_k - sum_k c_k x_k.
+//
+// 4-bit: a byte holds elements 2j (low nibble) and 2j + 1 (high nibble), so
+// the activations are rearranged once per row into even and odd halves of
+// each 64-element block (c = 128 for even, 16 for odd elements). 8-bit: a
+// byte is one code q = 16 h + l, done as l (c = 128) plus 16 h (c = 256),
+// both against the activations in place.
+//
+// Per group g of a weight row: acc += scale_g * sum_{k in g} (c_k + q_k) x_k
+// in the main loop; at the end, sum_g bias_g * X_g - scale_g * C_g with X_g
+// = sum x_k and C_g = sum c_k x_k over the group.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/quantized.h"
+
+namespace mlx_moe::cpu {
+namespace {
+
+constexpr int kDirectMaxColumns = 4;
+constexpr int kDirectMaxRows = 4;
+
+// A row's activations as the direct kernel reads them.
+struct DirectRow {
+  const uint16_t* x;           // bfloat16, rearranged (4-bit) or in place (8-bit)
+  const float* group_sums;     // X_g
+  const float* offset_sums;    // C_g
+};
+
+struct DirectScratch {
+  std::vector<uint16_t> arranged;
+  std::vector<float> sums;
+};
+
+inline DirectScratch& direct_scratch() {
+  thread_local DirectScratch s;
+  return s;
+}
+
+inline float bf16_to_float(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof(float));
+  return f;
+}
+
+// 32 codes -> (c + low nibble) and (c' + high part) as bfloat16 vectors.
+template <int BITS>
+inline void unpack_codes(const uint8_t* p, __m512i& low, __m512i& high) {
+  const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  // (a & b) | c is truth table 0xEA.
+  low = _mm512_ternarylogic_epi32(bytes, _mm512_set1_epi16(0x000F), _mm512_set1_epi16(0x4300), 0xEA);
+  high = _mm512_ternarylogic_epi32(
+      _mm512_srli_epi16(bytes, 1), _mm512_set1_epi16(0x0078),
+      _mm512_set1_epi16(BITS == 4 ? 0x4180 : 0x4380), 0xEA);
+}
+
+// COLUMNS weight rows x ROWS activation rows over all K; adds the results to
+// out[r * ldo + c].
+template <int BITS, int COLUMNS, int ROWS>
+inline void direct_tile(
+    const QuantizedRowRef* w,
+    const DirectRow* rows,
+    int64_t K,
+    int group_size,
+    float* out,
+    int64_t ldo,
+    const QuantizedRowRef* next) {
+  // Bytes of codes per 32-byte step and activations per step.
+  constexpr int kElementsPerStep = BITS == 4 ? 64 : 32;
+  const int steps_per_group = group_size / kElementsPerStep;
+  const int64_t groups = K / group_size;
+  __m512 acc[COLUMNS][ROWS];
+#pragma GCC unroll 4
+  for (int c = 0; c < COLUMNS; ++c) {
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      acc[c][r] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 group_acc[COLUMNS][ROWS];
+#pragma GCC unroll 4
+    for (int c = 0; c < COLUMNS; ++c) {
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) {
+        group_acc[c][r] = _mm512_setzero_ps();
+      }
+    }
+    for (int step = 0; step < steps_per_group; ++step) {
+      const int64_t element = g * group_size + step * kElementsPerStep;
+      const int64_t byte = element * BITS / 8;
+      __m512i low[COLUMNS], high[COLUMNS];
+#pragma GCC unroll 4
+      for (int c = 0; c < COLUMNS; ++c) {
+        unpack_codes<BITS>(w[c].codes + byte, low[c], high[c]);
+      }
+      if (next) {
+#pragma GCC unroll 4
+        for (int c = 0; c < COLUMNS; ++c) {
+          _mm_prefetch(reinterpret_cast<const char*>(next[c].codes + byte), _MM_HINT_T1);
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) {
+        __m512bh x_low, x_high;
+        if constexpr (BITS == 4) {
+          x_low = (__m512bh)_mm512_loadu_si512(rows[r].x + element);
+          x_high = (__m512bh)_mm512_loadu_si512(rows[r].x + element + 32);
+        } else {
+          x_low = x_high = (__m512bh)_mm512_loadu_si512(rows[r].x + element);
+        }
+#pragma GCC unroll 4
+        for (int c = 0; c < COLUMNS; ++c) {
+          group_acc[c][r] = _mm512_dpbf16_ps(group_acc[c][r], (__m512bh)low[c], x_low);
+          group_acc[c][r] = _mm512_dpbf16_ps(group_acc[c][r], (__m512bh)high[c], x_high);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < COLUMNS; ++c) {
+      const __m512 scale =
+          _mm512_set1_ps(bf16_to_float(static_cast<const uint16_t*>(w[c].scales)[g]));
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) {
+        acc[c][r] = _mm512_fmadd_ps(group_acc[c][r], scale, acc[c][r]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < COLUMNS; ++c) {
+    const uint16_t* scales = static_cast<const uint16_t*>(w[c].scales);
+    const uint16_t* biases = static_cast<const uint16_t*>(w[c].biases);
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      float correction = 0.0f;
+      for (int64_t g = 0; g < groups; ++g) {
+        correction += bf16_to_float(biases[g]) * rows[r].group_sums[g] -
+            bf16_to_float(scales[g]) * rows[r].offset_sums[g];
+      }
+      out[r * ldo + c] += _mm512_reduce_add_ps(acc[c][r]) + correction;
+    }
+  }
+}
+
+template <int BITS, int COLUMNS, int MAX_ROWS>
+inline void direct_tile_rows(
+    int rows,
+    const QuantizedRowRef* w,
+    const DirectRow* x,
+    int64_t K,
+    int group_size,
+    float* out,
+    int64_t ldo,
+    const QuantizedRowRef* next) {
+  if constexpr (MAX_ROWS >= 1) {
+    if (rows == MAX_ROWS) {
+      direct_tile<BITS, COLUMNS, MAX_ROWS>(w, x, K, group_size, out, ldo, next);
+    } else {
+      direct_tile_rows<BITS, COLUMNS, MAX_ROWS - 1>(rows, w, x, K, group_size, out, ldo, next);
+    }
+  }
+}
+
+// Prepares each activation row (rearranged copy for 4-bit, group sums).
+template <int BITS>
+void prepare_direct_rows(
+    const uint16_t* const* x_rows,
+    int64_t num_rows,
+    int64_t K,
+    int group_size,
+    std::vector<DirectRow>& rows) {
+  DirectScratch& s = direct_scratch();
+  const int64_t groups = K / group_size;
+  if (BITS == 4) {
+    s.arranged.resize(num_rows * K);
+  }
+  s.sums.resize(2 * num_rows * groups);
+  rows.resize(num_rows);
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const uint16_t* x = x_rows[r];
+    float* group_sums = s.sums.data() + 2 * r * groups;
+    float* offset_sums = group_sums + groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.0f, offsets = 0.0f;
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
+        const float v = bf16_to_float(x[k]);
+        sum += v;
+        offsets += (BITS == 8 ? 384.0f : (k % 2 == 0 ? 128.0f : 16.0f)) * v;
+      }
+      group_sums[g] = sum;
+      offset_sums[g] = offsets;
+    }
+    if (BITS == 4) {
+      uint16_t* arranged = s.arranged.data() + r * K;
+      for (int64_t block = 0; block < K; block += 64) {
+        for (int j = 0; j < 32; ++j) {
+          arranged[block + j] = x[block + 2 * j];
+          arranged[block + 32 + j] = x[block + 2 * j + 1];
+        }
+      }
+      rows[r].x = arranged;
+    } else {
+      rows[r].x = x;
+    }
+    rows[r].group_sums = group_sums;
+    rows[r].offset_sums = offset_sums;
+  }
+}
+
+template <int BITS>
+void direct_dot(
+    const QuantizedRowRef* w,
+    int64_t columns,
+    const uint16_t* const* x_rows,
+    int64_t num_rows,
+    int64_t K,
+    int group_size,
+    float* acc,
+    int64_t ldacc) {
+  thread_local std::vector<DirectRow> rows;
+  prepare_direct_rows<BITS>(x_rows, num_rows, K, group_size, rows);
+  int64_t c = 0;
+  for (; c + kDirectMaxColumns <= columns; c += kDirectMaxColumns) {
+    const QuantizedRowRef* next = c + 2 * kDirectMaxColumns <= columns ? w + c + kDirectMaxColumns : nullptr;
+    for (int64_t r = 0; r < num_rows; r += kDirectMaxRows) {
+      const int n = static_cast<int>(std::min<int64_t>(kDirectMaxRows, num_rows - r));
+      direct_tile_rows<BITS, kDirectMaxColumns, kDirectMaxRows>(
+          n, w + c, rows.data() + r, K, group_size, acc + r * ldacc + c, ldacc, r == 0 ? next : nullptr);
+    }
+  }
+  for (; c < columns; ++c) {
+    for (int64_t r = 0; r < num_rows; r += kDirectMaxRows) {
+      const int n = static_cast<int>(std::min<int64_t>(kDirectMaxRows, num_rows - r));
+      direct_tile_rows<BITS, 1, kDirectMaxRows>(
+          n, w + c, rows.data() + r, K, group_size, acc + r * ldacc + c, ldacc, nullptr);
+    }
+  }
+}
+
+// Whether the direct kernel handles this format with bfloat16 activations.
+inline bool direct_dot_supports(const QuantizedMatrices& q) {
+  return q.mode == QuantizationMode::affine &&
+      ((q.bits == 4 && q.group_size % 64 == 0) || q.bits == 8);
+}
+
+inline void direct_dot_bf16(
+    const QuantizedMatrices& q,
+    const QuantizedRowRef* w,
+    int64_t columns,
+    const uint16_t* const* x_rows,
+    int64_t num_rows,
+    int64_t K,
+    float* acc,
+    int64_t ldacc) {
+  if (q.bits == 4) {
+    direct_dot<4>(w, columns, x_rows, num_rows, K, q.group_size, acc, ldacc);
+  } else {
+    direct_dot<8>(w, columns, x_rows, num_rows, K, q.group_size, acc, ldacc);
+  }
+}
+
+} // namespace
+} // namespace mlx_moe::cpu
