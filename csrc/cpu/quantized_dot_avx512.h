@@ -48,6 +48,7 @@ struct DirectRow {
 struct DirectScratch {
   std::vector<uint16_t> arranged;
   std::vector<float> sums;
+  std::vector<float> scales; // one tile's scales in float32, [COLUMNS, groups]
 };
 
 inline DirectScratch& direct_scratch() {
@@ -55,11 +56,14 @@ inline DirectScratch& direct_scratch() {
   return s;
 }
 
-inline float bf16_to_float(uint16_t bits) {
-  uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, sizeof(float));
-  return f;
+// 16 bfloat16 values (or fewer, masked) as float32.
+inline __m512 load_bf16_as_float(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
 }
 
 // 32 codes -> (c + low nibble) and (c' + high part) as bfloat16 vectors.
@@ -88,6 +92,30 @@ inline void direct_tile(
   constexpr int kElementsPerStep = BITS == 4 ? 64 : 32;
   const int steps_per_group = group_size / kElementsPerStep;
   const int64_t groups = K / group_size;
+  // The next tile's scales and biases: short rows of their own streams,
+  // which the code prefetch below does not cover.
+  if (next) {
+    const int64_t scale_bytes = groups * 2;
+#pragma GCC unroll 4
+    for (int c = 0; c < COLUMNS; ++c) {
+      for (int64_t b = 0; b < scale_bytes; b += 64) {
+        _mm_prefetch(static_cast<const char*>(next[c].scales) + b, _MM_HINT_T1);
+        _mm_prefetch(static_cast<const char*>(next[c].biases) + b, _MM_HINT_T1);
+      }
+    }
+  }
+  // The tile's scales in float32, broadcast from memory in the group loop.
+  DirectScratch& scratch = direct_scratch();
+  scratch.scales.resize(COLUMNS * groups);
+  float* scales = scratch.scales.data();
+#pragma GCC unroll 4
+  for (int c = 0; c < COLUMNS; ++c) {
+    const uint16_t* src = static_cast<const uint16_t*>(w[c].scales);
+    for (int64_t g = 0; g < groups; g += 16) {
+      _mm512_mask_storeu_ps(scales + c * groups + g, first_lanes(groups - g),
+                            load_bf16_as_float(src + g, first_lanes(groups - g)));
+    }
+  }
   __m512 acc[COLUMNS][ROWS];
 #pragma GCC unroll 4
   for (int c = 0; c < COLUMNS; ++c) {
@@ -137,26 +165,32 @@ inline void direct_tile(
     }
 #pragma GCC unroll 4
     for (int c = 0; c < COLUMNS; ++c) {
-      const __m512 scale =
-          _mm512_set1_ps(bf16_to_float(static_cast<const uint16_t*>(w[c].scales)[g]));
+      const __m512 scale = _mm512_set1_ps(scales[c * groups + g]);
 #pragma GCC unroll 4
       for (int r = 0; r < ROWS; ++r) {
         acc[c][r] = _mm512_fmadd_ps(group_acc[c][r], scale, acc[c][r]);
       }
     }
   }
+  // The group terms, 16 groups at a time, added into the accumulators'
+  // lanes before the one horizontal sum.
 #pragma GCC unroll 4
   for (int c = 0; c < COLUMNS; ++c) {
-    const uint16_t* scales = static_cast<const uint16_t*>(w[c].scales);
     const uint16_t* biases = static_cast<const uint16_t*>(w[c].biases);
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 mask = first_lanes(groups - g);
+      const __m512 scale = _mm512_maskz_loadu_ps(mask, scales + c * groups + g);
+      const __m512 bias = load_bf16_as_float(biases + g, mask);
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512 sums = _mm512_maskz_loadu_ps(mask, rows[r].group_sums + g);
+        const __m512 offsets = _mm512_maskz_loadu_ps(mask, rows[r].offset_sums + g);
+        acc[c][r] = _mm512_fmadd_ps(bias, sums, _mm512_fnmadd_ps(scale, offsets, acc[c][r]));
+      }
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < ROWS; ++r) {
-      float correction = 0.0f;
-      for (int64_t g = 0; g < groups; ++g) {
-        correction += bf16_to_float(biases[g]) * rows[r].group_sums[g] -
-            bf16_to_float(scales[g]) * rows[r].offset_sums[g];
-      }
-      out[r * ldo + c] += _mm512_reduce_add_ps(acc[c][r]) + correction;
+      out[r * ldo + c] += _mm512_reduce_add_ps(acc[c][r]);
     }
   }
 }
@@ -180,7 +214,8 @@ inline void direct_tile_rows(
   }
 }
 
-// Prepares each activation row (rearranged copy for 4-bit, group sums).
+// Prepares each activation row: the rearranged copy (4-bit: even then odd
+// elements of each 64-block) and the per-group sums X_g and C_g.
 template <int BITS>
 void prepare_direct_rows(
     const uint16_t* const* x_rows,
@@ -199,23 +234,41 @@ void prepare_direct_rows(
     const uint16_t* x = x_rows[r];
     float* group_sums = s.sums.data() + 2 * r * groups;
     float* offset_sums = group_sums + groups;
+    uint16_t* arranged = BITS == 4 ? s.arranged.data() + r * K : nullptr;
     for (int64_t g = 0; g < groups; ++g) {
-      float sum = 0.0f, offsets = 0.0f;
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
-        const float v = bf16_to_float(x[k]);
-        sum += v;
-        offsets += (BITS == 8 ? 384.0f : (k % 2 == 0 ? 128.0f : 16.0f)) * v;
-      }
-      group_sums[g] = sum;
-      offset_sums[g] = offsets;
-    }
-    if (BITS == 4) {
-      uint16_t* arranged = s.arranged.data() + r * K;
-      for (int64_t block = 0; block < K; block += 64) {
-        for (int j = 0; j < 32; ++j) {
-          arranged[block + j] = x[block + 2 * j];
-          arranged[block + 32 + j] = x[block + 2 * j + 1];
+      __m512 sum = _mm512_setzero_ps();
+      __m512 offsets = _mm512_setzero_ps();
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 32) {
+        const __m512i words = _mm512_loadu_si512(x + k);
+        if constexpr (BITS == 4) {
+          // Even and odd elements of these 32: the low and high 16-bit
+          // halves of each 32-bit lane.
+          const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+          const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(int(0xFFFF0000u))));
+          sum = _mm512_add_ps(sum, _mm512_add_ps(even, odd));
+          offsets = _mm512_fmadd_ps(_mm512_set1_ps(128.0f), even, _mm512_fmadd_ps(_mm512_set1_ps(16.0f), odd, offsets));
+        } else {
+          const __m512 low = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+          const __m512 high = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(int(0xFFFF0000u))));
+          sum = _mm512_add_ps(sum, _mm512_add_ps(low, high));
         }
+      }
+      group_sums[g] = _mm512_reduce_add_ps(sum);
+      offset_sums[g] = BITS == 8 ? 384.0f * group_sums[g] : _mm512_reduce_add_ps(offsets);
+    }
+    if constexpr (BITS == 4) {
+      // Block of 64 = two registers of 32 words: evens of both, then odds.
+      const __m512i index = _mm512_set_epi16(
+          63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+          31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+      const __m512i index_even = _mm512_set_epi16(
+          62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,
+          30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      for (int64_t block = 0; block < K; block += 64) {
+        const __m512i first = _mm512_loadu_si512(x + block);
+        const __m512i second = _mm512_loadu_si512(x + block + 32);
+        _mm512_storeu_si512(arranged + block, _mm512_permutex2var_epi16(first, index_even, second));
+        _mm512_storeu_si512(arranged + block + 32, _mm512_permutex2var_epi16(first, index, second));
       }
       rows[r].x = arranged;
     } else {
