@@ -40,18 +40,21 @@ bool direct_quantized_dot(
     int64_t num_rows,
     int64_t K,
     float* acc,
-    int64_t ldacc) {
+    int64_t ldacc,
+    const QuantizedRowRef* following = nullptr,
+    int64_t following_count = 0) {
 #if defined(MLX_MOE_DOT_BF16)
   if constexpr (std::is_same_v<T, BFloat16Bits>) {
     if (x_col_stride == 1 && num_rows <= kDirectRowLimit && direct_dot_supports(q)) {
       direct_dot_bf16(
-          q, w, columns, reinterpret_cast<const uint16_t* const*>(x_rows), num_rows, K, acc, ldacc);
+          q, w, columns, reinterpret_cast<const uint16_t* const*>(x_rows), num_rows, K, acc, ldacc,
+          following, following_count);
       return true;
     }
   }
 #endif
   (void)q, (void)w, (void)columns, (void)x_rows, (void)x_col_stride, (void)num_rows, (void)K,
-      (void)acc, (void)ldacc;
+      (void)acc, (void)ldacc, (void)following, (void)following_count;
   return false;
 }
 

@@ -37,6 +37,9 @@ namespace {
 
 constexpr int kDirectMaxColumns = 4;
 constexpr int kDirectMaxRows = 4;
+// Prefetch distance in tiles: 2 measured best at decode on Zen 4 (1: 12%
+// slower; 4, 6, 8: 3-9% slower); a down-projection tile is only ~1.5 KB.
+constexpr int64_t kPrefetchTiles = 2;
 
 // A row's activations as the direct kernel reads them.
 struct DirectRow {
@@ -288,12 +291,34 @@ void direct_dot(
     int64_t K,
     int group_size,
     float* acc,
-    int64_t ldacc) {
+    int64_t ldacc,
+    const QuantizedRowRef* following,
+    int64_t following_count) {
   thread_local std::vector<DirectRow> rows;
   prepare_direct_rows<BITS>(x_rows, num_rows, K, group_size, rows);
+  // The first tiles, requested all at once (the in-loop prefetch covers
+  // tile kPrefetchTiles onwards).
+  const int64_t row_bytes = K * BITS / 8;
+  const int64_t scale_bytes = K / group_size * 2;
+  for (int64_t c = 0; c < std::min<int64_t>(columns, kPrefetchTiles * kDirectMaxColumns); ++c) {
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(w[c].codes) + b, _MM_HINT_T1);
+    }
+    for (int64_t b = 0; b < scale_bytes; b += 64) {
+      _mm_prefetch(static_cast<const char*>(w[c].scales) + b, _MM_HINT_T1);
+      _mm_prefetch(static_cast<const char*>(w[c].biases) + b, _MM_HINT_T1);
+    }
+  }
   int64_t c = 0;
   for (; c + kDirectMaxColumns <= columns; c += kDirectMaxColumns) {
-    const QuantizedRowRef* next = c + 2 * kDirectMaxColumns <= columns ? w + c + kDirectMaxColumns : nullptr;
+    // Prefetch kPrefetchTiles tiles ahead (short tiles: the down
+    // projection's rows are a few hundred bytes).
+    // Past the last tile: the rows the caller passes next (`following`).
+    const int64_t ahead = c + kPrefetchTiles * kDirectMaxColumns;
+    const QuantizedRowRef* next = ahead + kDirectMaxColumns <= columns ? w + ahead
+        : (following && ahead >= columns && ahead - columns + kDirectMaxColumns <= following_count)
+        ? following + (ahead - columns)
+        : nullptr;
     for (int64_t r = 0; r < num_rows; r += kDirectMaxRows) {
       const int n = static_cast<int>(std::min<int64_t>(kDirectMaxRows, num_rows - r));
       direct_tile_rows<BITS, kDirectMaxColumns, kDirectMaxRows>(
@@ -323,11 +348,13 @@ inline void direct_dot_bf16(
     int64_t num_rows,
     int64_t K,
     float* acc,
-    int64_t ldacc) {
+    int64_t ldacc,
+    const QuantizedRowRef* following,
+    int64_t following_count) {
   if (q.bits == 4) {
-    direct_dot<4>(w, columns, x_rows, num_rows, K, q.group_size, acc, ldacc);
+    direct_dot<4>(w, columns, x_rows, num_rows, K, q.group_size, acc, ldacc, following, following_count);
   } else {
-    direct_dot<8>(w, columns, x_rows, num_rows, K, q.group_size, acc, ldacc);
+    direct_dot<8>(w, columns, x_rows, num_rows, K, q.group_size, acc, ldacc, following, following_count);
   }
 }
 

@@ -37,6 +37,7 @@ struct SwitchGluScratch {
   std::vector<float> out;      // [tokens, columns] of a down task
   std::vector<uint8_t> dequantized; // quantized weight rows in the compute dtype
   std::vector<QuantizedRowRef> refs; // quantized weight rows, for the direct kernel
+  std::vector<QuantizedRowRef> following_refs; // the next expert's first rows
 };
 
 // Rows [row_begin, row_begin + count) of expert `expert` of a quantized
@@ -170,9 +171,16 @@ void down_task_typed(const SwitchGluProblem& p, const DownTask& task) {
       for (int64_t c = 0; c < columns; ++c) {
         s.refs[c] = quantized_row<T>(p.down_quantized, e, task.d_begin + c);
       }
+      // The next expert's first rows, prefetched during this one's last
+      // tiles (an expert's block is short at decode).
+      const int64_t following = after < task.expert_end ? std::min<int64_t>(columns, 4 * kMaxTileColumns) : 0;
+      s.following_refs.resize(following);
+      for (int64_t c = 0; c < following; ++c) {
+        s.following_refs[c] = quantized_row<T>(p.down_quantized, after, task.d_begin + c);
+      }
       done = direct_quantized_dot<T>(
           p.down_quantized, s.refs.data(), columns, x_rows, 1, rows, p.hidden_dims,
-          s.products.data(), columns);
+          s.products.data(), columns, s.following_refs.data(), following);
       if (!done) {
         T* buffer = dequantized_buffer<T>(s, columns * p.hidden_dims);
         dequantize_expert_rows<T>(p.down_quantized, e, task.d_begin, columns, p.hidden_dims, 1, 0, s, buffer);
