@@ -1,8 +1,10 @@
 """Tests of mlx_moe_kernels.patch / unpatch on tiny random mlx-lm models:
 Qwen2-MoE, Qwen3-MoE and Qwen3-VL-MoE (its text model, which mlx-lm builds
-from qwen3_moe). The patched model must give the unpatched logits (float32
-tolerance), share every expert weight, and unpatch must restore the
-original objects and logits exactly.
+from qwen3_moe), float and quantized with mlx-lm's own quantize_model (as
+``mlx_lm.convert -q`` does). The patched model must give the unpatched
+logits (float32 tolerance), share every expert array (weights, quantization
+scales and biases), and unpatch must restore the original objects and
+logits exactly. Quantization modes our kernels do not take stay mlx-lm's.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ QWEN2 = dict(
     rms_norm_eps=1e-6,
     vocab_size=VOCAB,
 )
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ARCHS = ["qwen2_moe", "qwen3_moe", "qwen3_moe_unnormalised", "qwen3_vl_moe"]
 # The number of SwitchGLU (MoE) layers in each tiny model.
 MOE_LAYERS = {"qwen2_moe": 2, "qwen3_moe": 2, "qwen3_moe_unnormalised": 2, "qwen3_vl_moe": 2}
@@ -170,15 +173,174 @@ def test_parameters_unchanged(build):
     assert all(a is b for (_, a), (_, b) in zip(after, before))
 
 
-def test_quantized_model_is_left_alone(build):
-    model = build_model("qwen3_moe")
-    nn.quantize(model, group_size=32, bits=4)
-    tokens = prompt(1, 11)
+# ========================================================= quantized
+def quantize(model: nn.Module, group_size=None, bits=None, mode="affine", quant_predicate=None):
+    """Quantize as ``mlx_lm.convert -q`` does: mlx-lm's quantize_model, which
+    calls nn.quantize with the model's quant_predicate (or the given one)
+    and skips layers whose input size is not a multiple of the group size.
+    Returns the model."""
+    from mlx_lm.utils import quantize_model
+
+    quantize_model(model, {}, group_size, bits, mode=mode, quant_predicate=quant_predicate)
+    mx.eval(model.parameters())
+    return model
+
+
+def down_proj_8_bits(model: nn.Module):
+    """A mixed-precision recipe on top of the model's own predicate:
+    down_proj with 8 bits, the rest as the model's predicate says."""
+    own = getattr(model, "quant_predicate", None)
+
+    def predicate(path, module):
+        if path.endswith("down_proj"):
+            return {"group_size": 32, "bits": 8, "mode": "affine"}
+        return own(path, module) if own is not None else True
+
+    return predicate
+
+
+QUANT_PROJECTION_ARRAYS = ("weight", "scales", "biases", "bias")
+# id -> (arch, group_size, bits, mode, mixed-bits recipe, whether all three
+# projections end up quantized alike, so that the fused kernel runs).
+QUANTIZED_CASES = {
+    # all projections 4-bit affine (the model's predicate: its router 8-bit)
+    "qwen3_affine4": ("qwen3_moe", 32, 4, "affine", False, True),
+    # group size 64 > down_proj's input size 32: mlx-lm's convert leaves
+    # down_proj in float, so the layer mixes quantized and float projections
+    "qwen3_affine4_float_down": ("qwen3_moe", 64, 4, "affine", False, False),
+    "qwen3_mxfp4": ("qwen3_moe", None, None, "mxfp4", False, True),
+    "qwen3_mixed_bits": ("qwen3_moe", 32, 4, "affine", True, False),
+    "qwen2_affine8": ("qwen2_moe", 32, 8, "affine", False, True),
+    "qwen3_vl_affine4": ("qwen3_vl_moe", 32, 4, "affine", False, True),
+}
+
+
+def build_quantized(case: str) -> nn.Module:
+    arch, group_size, bits, mode, mixed, _ = QUANTIZED_CASES[case]
+    model = build_model(arch)
+    predicate = down_proj_8_bits(model) if mixed else None
+    return quantize(model, group_size, bits, mode, quant_predicate=predicate)
+
+
+@pytest.mark.parametrize("case", list(QUANTIZED_CASES))
+def test_quantized_model_is_patched(build, case):
+    """mlx-lm's QuantizedSwitchLinear projections (affine, mxfp4) become
+    ours holding the very same arrays and format; logits match the
+    unpatched quantized model; unpatch restores the original objects."""
+    fused = QUANTIZED_CASES[case][-1]
+    model = build_quantized(case)
+    tokens = prompt()  # 74 tokens: mlx-lm's SwitchGLU sorts (>= 64 slots)
     before = logits(model, tokens)
-    classes = [type(m) for _, m in model.named_modules()]
-    assert mlx_moe_kernels.patch(model) == 0
-    assert [type(m) for _, m in model.named_modules()] == classes
+    blocks = sparse_blocks(model)
+    original_classes = [type(b) for b in blocks]
+    original_experts = [b.switch_mlp for b in blocks]
+    original_projections = [[e[n] for n in PROJECTIONS] for e in original_experts]
+    assert any(type(p) is switch_layers.QuantizedSwitchLinear for ps in original_projections for p in ps)
+    params_before = tree_flatten(model.parameters())
+    trainable_before = [n for n, _ in tree_flatten(model.trainable_parameters())]
+
+    assert mlx_moe_kernels.patch(model) == MOE_LAYERS[QUANTIZED_CASES[case][0]]
+    for block, cls, theirs in zip(blocks, original_classes, original_experts):
+        ours = block.switch_mlp
+        assert type(ours) is layers.SwitchGLU and ours.uses_fused_kernel() == fused
+        assert isinstance(block, cls) and type(block) is not cls  # the fused subclass
+        for name in PROJECTIONS:
+            their_linear, our_linear = theirs[name], ours[name]
+            if type(their_linear) is switch_layers.QuantizedSwitchLinear:
+                assert type(our_linear) is layers.QuantizedSwitchLinear
+                their_format = (their_linear.group_size, their_linear.bits, their_linear.mode)
+                assert our_linear.quantization == their_format
+            else:
+                assert type(our_linear) is layers.SwitchLinear
+            assert set(our_linear) == set(their_linear)  # the same parameters
+            for array in QUANT_PROJECTION_ARRAYS:
+                if array in their_linear:
+                    assert our_linear[array] is their_linear[array]  # shared, not copied
+                else:
+                    assert our_linear.get(array) is None
+    params_after = tree_flatten(model.parameters())
+    assert [n for n, _ in params_after] == [n for n, _ in params_before]
+    assert all(a is b for (_, a), (_, b) in zip(params_after, params_before))
+    assert [n for n, _ in tree_flatten(model.trainable_parameters())] == trainable_before
+    assert_logits_close(logits(model, tokens), before, rtol=1e-4)
+    decode = prompt(1, 1, seed=3)  # a single token
+    unpatched = build_quantized(case)
+    assert_logits_close(logits(model, decode), logits(unpatched, decode), rtol=1e-4)
+
+    assert mlx_moe_kernels.unpatch(model) == MOE_LAYERS[QUANTIZED_CASES[case][0]]
+    originals = zip(blocks, original_classes, original_experts, original_projections)
+    for block, cls, experts, projections in originals:
+        assert type(block) is cls and block.switch_mlp is experts
+        assert all(experts[n] is p for n, p in zip(PROJECTIONS, projections))
+    assert all(a is b for (_, a), (_, b) in zip(tree_flatten(model.parameters()), params_before))
     np.testing.assert_array_equal(logits(model, tokens), before)
+    assert mlx_moe_kernels.unpatch(model) == 0
+
+
+@pytest.mark.parametrize(
+    "mode,group_size,bits", [("nvfp4", 16, 4), ("mxfp8", 32, 8)], ids=["nvfp4", "mxfp8"]
+)
+def test_unsupported_quantization_is_left_alone(mode, group_size, bits):
+    """Quantization modes our kernels do not take (nvfp4, mxfp8) keep
+    mlx-lm's layers, also when only one projection has such a mode."""
+    model = quantize(build_model("qwen3_moe"), group_size, bits, mode)
+    mixed = build_model("qwen3_moe")
+    quantize(
+        mixed, 32, 4, "affine",
+        quant_predicate=lambda path, _: {"group_size": group_size, "bits": bits, "mode": mode}
+        if path.endswith("up_proj") else True,
+    )
+    for m in (model, mixed):
+        tokens = prompt(1, 11)
+        before = logits(m, tokens)
+        classes = [type(x) for _, x in m.named_modules()]
+        assert mlx_moe_kernels.patch(m) == 0
+        assert [type(x) for _, x in m.named_modules()] == classes
+        assert all(type(b) is qwen3_moe.Qwen3MoeSparseMoeBlock for b in sparse_blocks(m))
+        np.testing.assert_array_equal(logits(m, tokens), before)
+
+
+@pytest.mark.parametrize(
+    "dtype,rtol", [(mx.float16, 5e-3), (mx.bfloat16, 3e-2)], ids=["f16", "bf16"]
+)
+def test_half_precision_quantized_model(build, dtype, rtol):
+    """A half-precision quantized model (half scales and biases) keeps its
+    dtype when patched and approximates the unpatched quantized model with
+    the same codes and float32 scales and biases."""
+    model = build_model("qwen3_moe")
+    model.set_dtype(dtype)
+    quantize(model, 32, 4)
+    reference_model = quantize(build_model("qwen3_moe"), 32, 4)
+    reference_model.update(
+        tree_map(lambda p: p.astype(mx.float32) if p.dtype == dtype else p, model.parameters())
+    )
+    assert mlx_moe_kernels.patch(model) == MOE_LAYERS["qwen3_moe"]
+    assert all(b.switch_mlp.uses_fused_kernel() for b in sparse_blocks(model))
+    tokens = prompt(1, 16)
+    assert model(tokens).dtype == dtype
+    assert_logits_close(logits(model, tokens), logits(reference_model, tokens), rtol=rtol)
+
+
+def test_quantized_switch_glu_with_bias(build):
+    """A quantized mlx-lm SwitchGLU with biases: ours (composed) shares the
+    bias arrays too and gives mlx-lm's output."""
+    mx.random.seed(4)
+    holder = nn.Module()
+    holder.experts = switch_layers.SwitchGLU(64, 32, 4, bias=True)
+    holder.experts.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, holder.experts.parameters()))
+    nn.quantize(holder, group_size=32, bits=4)
+    theirs = holder.experts
+    x = mx.random.normal((3, 5, 64))
+    indices = mx.array(np.random.default_rng(2).integers(0, 4, (3, 5, 2)))
+    expected = theirs(x, indices)
+    assert mlx_moe_kernels.patch(holder) == 1
+    ours = holder.experts
+    assert type(ours.gate_proj) is layers.QuantizedSwitchLinear and not ours.uses_fused_kernel()
+    for name in PROJECTIONS:
+        for array in QUANT_PROJECTION_ARRAYS:
+            assert ours[name][array] is theirs[name][array]
+    np.testing.assert_allclose(np.array(ours(x, indices)), np.array(expected), rtol=1e-4, atol=1e-5)
+    assert mlx_moe_kernels.unpatch(holder) == 1 and holder.experts is theirs
 
 
 def test_quantize_after_patch(build):
@@ -264,12 +426,16 @@ def test_training_through_patched_model(build):
     assert tree_flatten(frozen.trainable_parameters()) == []
 
 
-def test_unpatch_keeps_updated_weights(build):
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])
+def test_unpatch_keeps_updated_weights(build, quantized):
     """Weights changed after patching (training, load_weights) are what the
-    restored mlx-lm layers hold."""
+    restored mlx-lm layers hold (quantized: new scales and biases)."""
     model = build_model("qwen3_moe")
-    mlx_moe_kernels.patch(model)
-    model.update(tree_map(lambda p: p * 1.5, model.parameters()))
+    if quantized:
+        quantize(model, 32, 4)
+    assert mlx_moe_kernels.patch(model) == MOE_LAYERS["qwen3_moe"]
+    scaled = tree_map(lambda p: p * 1.5 if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters())
+    model.update(scaled)
     tokens = prompt(1, 9)
     patched = logits(model, tokens)
     new_weights = tree_flatten(model.parameters())

@@ -11,7 +11,7 @@ The public API:
   (what ``nn.quantize`` makes of a ``SwitchLinear``), ``SwitchGLU``,
   ``SwitchMLP`` (and the ``SwiGLU`` activation);
 * ``patch`` / ``unpatch``: swap mlx-lm's ``SwitchGLU`` layers in a loaded
-  model for ours, in place;
+  model (float, or quantized in affine or mxfp4 mode) for ours, in place;
 * ``reference``: every op in plain MLX, the oracle of the tests;
 * ``models``: Qwen2-MoE, Qwen3-MoE and Qwen3-VL-MoE (text) definitions on
   our layers; ``load_model`` reads a local Hugging Face checkpoint folder

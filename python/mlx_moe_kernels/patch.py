@@ -3,12 +3,30 @@
 What :func:`patch` changes:
 
 * Every module whose type is exactly mlx-lm's
-  ``mlx_lm.models.switch_layers.SwitchGLU`` and whose three projections are
-  plain (non-quantized) mlx-lm ``SwitchLinear`` layers is replaced by our
-  :class:`~mlx_moe_kernels.layers.SwitchGLU`, holding the very same weight
-  (and bias) arrays - nothing is copied - and the same activation. It runs
-  the fused kernel when the activation is SwiGLU and there are no biases,
-  else the composition on our ``gather_mm``.
+  ``mlx_lm.models.switch_layers.SwitchGLU`` whose three projections our
+  kernels can compute is replaced by our
+  :class:`~mlx_moe_kernels.layers.SwitchGLU`, holding the very same arrays -
+  nothing is copied - and the same activation. A projection our kernels can
+  compute is
+
+  - a plain mlx-lm ``SwitchLinear``: it becomes our
+    :class:`~mlx_moe_kernels.layers.SwitchLinear` holding its ``weight``
+    (and ``bias``);
+  - an mlx-lm ``QuantizedSwitchLinear`` (what ``nn.quantize``, mlx-lm's
+    ``convert -q`` and its loader make of a ``SwitchLinear``) in a format of
+    our quantized kernels - ``"affine"`` (group size 32, 64 or 128; 1, 2, 3,
+    4, 5, 6 or 8 bits) or ``"mxfp4"`` (group size 32, 4 bits) - without an
+    nvfp4 per-expert ``global_scale``: it becomes our
+    :class:`~mlx_moe_kernels.layers.QuantizedSwitchLinear` holding its
+    ``weight``, ``scales``, ``biases`` (and ``bias``) with the same
+    ``group_size``, ``bits`` and ``mode``.
+
+  Our layer runs the fused kernel when the activation is SwiGLU, there are
+  no biases and the three projections are all float or all quantized with
+  one format; otherwise - e.g. a mixed-precision recipe that quantizes
+  ``down_proj`` with more bits, or a projection ``mlx_lm.convert`` left in
+  float because its input size is not a multiple of the group size - it
+  composes the projections, each on our ``gather_mm`` / ``gather_qmm``.
 * The MoE blocks whose routing we reproduce - mlx-lm's
   ``qwen2_moe.Qwen2MoeSparseMoeBlock`` and ``qwen3_moe.Qwen3MoeSparseMoeBlock``
   (which ``qwen3_vl_moe`` also uses for its text model) - get, once their
@@ -16,20 +34,26 @@ What :func:`patch` changes:
   instance: the object, its attributes and its submodules stay the same)
   whose ``__call__`` passes the routing scores into the fused op, so the
   weighted combine happens inside the down-projection kernel instead of as
-  ``(y * scores[..., None]).sum(-2)``. Routing (softmax, top-k,
-  ``norm_topk_prob``), the shared expert and its sigmoid gate, and the
-  distributed hooks are reproduced as mlx-lm writes them.
+  ``(y * scores[..., None]).sum(-2)`` (float and quantized experts alike;
+  where our layer is not on the fused path the block keeps that sum).
+  Routing (softmax, top-k, ``norm_topk_prob``), the shared expert and its
+  sigmoid gate, and the distributed hooks are reproduced as mlx-lm writes
+  them.
 
-What it leaves alone: quantized experts (``QuantizedSwitchLinear``
-projections), subclasses of ``SwitchGLU`` (they may change its behaviour),
-``SwitchMLP`` layers, modules inside tuples, and the MoE blocks of other
-architectures (their ``SwitchGLU`` is still replaced, their combine is not
-fused). The parameter names of the model do not change, so checkpoints
-load the same before and after.
+What it leaves alone (as mlx-lm's, computing with ``mx.gather_qmm``): a
+``SwitchGLU`` with any projection in a quantization format our kernels do
+not take (``"nvfp4"``, ``"mxfp8"``, an nvfp4 ``global_scale``, other group
+sizes or bits) or of another type (e.g. a LoRA wrapper). Also left alone:
+subclasses of ``SwitchGLU`` (they may change its behaviour), ``SwitchMLP``
+layers, modules inside tuples, and the MoE blocks of other architectures
+(their ``SwitchGLU`` is still replaced, their combine is not fused). The
+parameter names of the model do not change, so checkpoints load the same
+before and after.
 
-:func:`unpatch` puts back mlx-lm's original ``SwitchGLU`` objects (holding
-the arrays our layers hold at that time, so training or ``load_weights``
-after patching carries over) and the blocks' original classes.
+:func:`unpatch` puts back mlx-lm's original ``SwitchGLU`` objects, with
+their original projection objects (holding the arrays our layers hold at
+that time, so training or ``load_weights`` after patching carries over),
+and the blocks' original classes.
 """
 
 from __future__ import annotations
@@ -97,13 +121,44 @@ def _mlx_lm_class(module_name: str, class_name: str) -> Optional[type]:
     return getattr(sys.modules.get(module_name), class_name, None)
 
 
+# (group sizes, bits) our gather_qmm / switch_glu kernels take, per mode
+# (the modes of layers.KERNEL_QUANT_MODES; see ops.gather_qmm).
+_KERNEL_QUANT_FORMATS: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {
+    "affine": ((32, 64, 128), (1, 2, 3, 4, 5, 6, 8)),
+    "mxfp4": ((32,), (4,)),
+}
+
+
+def _their_quantization(linear: nn.Module) -> Tuple[int, int, str]:
+    """``(group_size, bits, mode)`` of an mlx-lm ``QuantizedSwitchLinear``
+    (mlx-lm versions before quantization modes are affine)."""
+    return linear.group_size, linear.bits, getattr(linear, "mode", "affine")
+
+
+def _kernel_projection(linear: Any) -> bool:
+    """Whether ``linear`` is an mlx-lm ``SwitchLinear`` (exact type), or an
+    mlx-lm ``QuantizedSwitchLinear`` (exact type) in a format our quantized
+    kernels take and without an nvfp4 per-expert global scale."""
+    if type(linear) is _mlx_lm_class(_MLX_LM_SWITCH_LAYERS, "SwitchLinear"):
+        return True
+    if type(linear) is not _mlx_lm_class(_MLX_LM_SWITCH_LAYERS, "QuantizedSwitchLinear"):
+        return False
+    if getattr(linear, "global_scale", None) is not None:
+        return False
+    group_size, bits, mode = _their_quantization(linear)
+    if mode not in _KERNEL_QUANT_FORMATS:
+        return False
+    group_sizes, bit_widths = _KERNEL_QUANT_FORMATS[mode]
+    return group_size in group_sizes and bits in bit_widths and "weight" in linear and "scales" in linear
+
+
 def _replaceable(module: Any) -> bool:
-    """An mlx-lm SwitchGLU (exact type) with plain SwitchLinear projections."""
+    """An mlx-lm SwitchGLU (exact type) whose projections are all plain
+    SwitchLinear or QuantizedSwitchLinear in a format of our kernels."""
     their_glu = _mlx_lm_class(_MLX_LM_SWITCH_LAYERS, "SwitchGLU")
-    their_linear = _mlx_lm_class(_MLX_LM_SWITCH_LAYERS, "SwitchLinear")
     if their_glu is None or type(module) is not their_glu:
         return False
-    return all(type(module.get(name)) is their_linear for name in _PROJECTIONS)
+    return all(_kernel_projection(module.get(name)) for name in _PROJECTIONS)
 
 
 def _copy_module_flags(source: nn.Module, target: nn.Module) -> None:
@@ -117,7 +172,19 @@ def _ours_from(theirs: nn.Module) -> SwitchGLU:
     projections = []
     for name in _PROJECTIONS:
         their_linear = theirs[name]
-        ours_linear = SwitchLinear.from_weights(their_linear["weight"], their_linear.get("bias"))
+        if type(their_linear) is _mlx_lm_class(_MLX_LM_SWITCH_LAYERS, "SwitchLinear"):
+            ours_linear = SwitchLinear.from_weights(their_linear["weight"], their_linear.get("bias"))
+        else:  # a QuantizedSwitchLinear in a format of our kernels
+            group_size, bits, mode = _their_quantization(their_linear)
+            ours_linear = QuantizedSwitchLinear.from_weights(
+                their_linear["weight"],
+                their_linear["scales"],
+                their_linear.get("biases"),
+                their_linear.get("bias"),
+                group_size=group_size,
+                bits=bits,
+                mode=mode,
+            )
         _copy_module_flags(their_linear, ours_linear)
         projections.append(ours_linear)
     ours = SwitchGLU.from_projections(*projections, activation=theirs.activation)
@@ -127,22 +194,30 @@ def _ours_from(theirs: nn.Module) -> SwitchGLU:
 
 
 def _restored_from(ours: SwitchGLU) -> nn.Module:
-    """The original mlx-lm layer, updated to hold ``ours``'s current arrays
-    (or, where a projection was swapped for another module since, e.g. a
-    quantized one, that module)."""
+    """The original mlx-lm layer, its original projections updated to hold
+    ``ours``'s current arrays (or, where a projection was swapped for a
+    module of another kind since, e.g. a float one quantized by
+    ``nn.quantize`` after patching, that module)."""
     theirs = getattr(ours, _ORIGINAL_ATTR).original
+    their_float = _mlx_lm_class(_MLX_LM_SWITCH_LAYERS, "SwitchLinear")
+    their_quantized = _mlx_lm_class(_MLX_LM_SWITCH_LAYERS, "QuantizedSwitchLinear")
     for name in _PROJECTIONS:
-        current = ours[name]
-        if type(current) is SwitchLinear:
-            their_linear = theirs[name]
+        current, their_linear = ours[name], theirs[name]
+        if type(current) is SwitchLinear and type(their_linear) is their_float:
             their_linear.weight = current["weight"]
-            if "bias" in current:
-                their_linear.bias = current["bias"]
-            elif "bias" in their_linear:
-                del their_linear["bias"]
-            _copy_module_flags(current, their_linear)
+        elif type(current) is QuantizedSwitchLinear and type(their_linear) is their_quantized:
+            their_linear.weight = current["weight"]
+            their_linear.scales = current["scales"]
+            their_linear.biases = current.get("biases")  # None: not a parameter
+            their_linear.group_size, their_linear.bits, their_linear.mode = current.quantization
         else:
             theirs[name] = current
+            continue
+        if "bias" in current:
+            their_linear.bias = current["bias"]
+        elif "bias" in their_linear:
+            del their_linear["bias"]
+        _copy_module_flags(current, their_linear)
     theirs.activation = ours.activation
     _copy_module_flags(ours, theirs)
     return theirs
@@ -260,7 +335,9 @@ def _unfuse_block(module: Any) -> None:
 
 # ---------------------------------------------------------- public API
 def patch(model: nn.Module, *, fuse_combine: bool = True) -> int:
-    """Replace mlx-lm's ``SwitchGLU`` layers in ``model`` by ours, in place.
+    """Replace mlx-lm's ``SwitchGLU`` layers in ``model`` by ours, in place:
+    float experts and experts quantized in a format of our kernels
+    (``"affine"``, ``"mxfp4"``).
 
     See the module docstring for exactly what is and is not replaced. The
     patched model computes the same logits as before (to float rounding:
@@ -275,8 +352,9 @@ def patch(model: nn.Module, *, fuse_combine: bool = True) -> int:
             scores' weighted sum runs inside the fused kernel.
 
     Returns:
-        The number of ``SwitchGLU`` layers replaced; 0 when there is none
-        left to replace (a second ``patch`` is a no-op, quantized layers are
+        The number of ``SwitchGLU`` layers replaced (float and quantized);
+        0 when there is none left to replace (a second ``patch`` is a no-op;
+        layers with a quantization format our kernels do not take are
         skipped).
     """
     replaced = 0
@@ -297,7 +375,8 @@ def patch(model: nn.Module, *, fuse_combine: bool = True) -> int:
 
 def unpatch(model: nn.Module) -> int:
     """Undo :func:`patch`: put back the original mlx-lm ``SwitchGLU`` layers
-    (holding the arrays their replacements hold now) and the MoE blocks'
+    and their projections (``SwitchLinear`` or ``QuantizedSwitchLinear``,
+    holding the arrays their replacements hold now) and the MoE blocks'
     original classes.
 
     Returns:
