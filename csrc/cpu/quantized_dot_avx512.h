@@ -2,11 +2,13 @@
 // rows (decode): bfloat16 activations times 4-bit (group 64 or 128) or
 // 8-bit (any group) affine codes, with no dequantized copy of the weights.
 //
-// The codes become bfloat16 values exactly, two bitwise instructions per 32
-// of them: a code nibble n placed in the low mantissa bits of a bfloat16
-// whose exponent says 128 is the value 128 + n (0x4300 | n), and a nibble
-// shifted into mantissa bits 3..6 under exponent 16 (or 256) is 16 + n (256
-// + 16 n). VDPBF16PS then multiplies them with the activations exactly and
+// The codes become bfloat16 values exactly, with a few bitwise instructions
+// per 32 of them: a code nibble n placed in the low mantissa bits of a
+// bfloat16 whose exponent says 128 is the value 128 + n (0x4300 | n), and a
+// nibble shifted into mantissa bits 3..6 under exponent 16 is 16 + n. An
+// 8-bit code q is its low 7 bits under 128 (128 + (q & 127)) plus its top
+// bit as the exponent's lowest bit (0x4300 | (q & 0x80) is 128 or 256, i.e.
+// 128 + 128 b). VDPBF16PS then multiplies them with the activations exactly and
 // accumulates in float32, and the constant offsets come back out through
 // the per-group activation sums:
 //
@@ -14,9 +16,8 @@
 //
 // 4-bit: a byte holds elements 2j (low nibble) and 2j + 1 (high nibble), so
 // the activations are rearranged once per row into even and odd halves of
-// each 64-element block (c = 128 for even, 16 for odd elements). 8-bit: a
-// byte is one code q = 16 h + l, done as l (c = 128) plus 16 h (c = 256),
-// both against the activations in place.
+// each 64-element block (c = 128 for even, 16 for odd elements). 8-bit:
+// both parts against the activations in place (c = 128 + 128 = 256).
 //
 // Per group g of a weight row: acc += scale_g * sum_{k in g} (c_k + q_k) x_k
 // in the main loop; at the end, sum_g bias_g * X_g - scale_g * C_g with X_g
@@ -74,10 +75,14 @@ template <int BITS>
 inline void unpack_codes(const uint8_t* p, __m512i& low, __m512i& high) {
   const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   // (a & b) | c is truth table 0xEA.
-  low = _mm512_ternarylogic_epi32(bytes, _mm512_set1_epi16(0x000F), _mm512_set1_epi16(0x4300), 0xEA);
-  high = _mm512_ternarylogic_epi32(
-      _mm512_srli_epi16(bytes, 1), _mm512_set1_epi16(0x0078),
-      _mm512_set1_epi16(BITS == 4 ? 0x4180 : 0x4380), 0xEA);
+  if constexpr (BITS == 4) {
+    low = _mm512_ternarylogic_epi32(bytes, _mm512_set1_epi16(0x000F), _mm512_set1_epi16(0x4300), 0xEA);
+    high = _mm512_ternarylogic_epi32(
+        _mm512_srli_epi16(bytes, 1), _mm512_set1_epi16(0x0078), _mm512_set1_epi16(0x4180), 0xEA);
+  } else {
+    low = _mm512_ternarylogic_epi32(bytes, _mm512_set1_epi16(0x007F), _mm512_set1_epi16(0x4300), 0xEA);
+    high = _mm512_ternarylogic_epi32(bytes, _mm512_set1_epi16(0x0080), _mm512_set1_epi16(0x4300), 0xEA);
+  }
 }
 
 // COLUMNS weight rows x ROWS activation rows over all K; adds the results to
@@ -257,7 +262,7 @@ void prepare_direct_rows(
         }
       }
       group_sums[g] = _mm512_reduce_add_ps(sum);
-      offset_sums[g] = BITS == 8 ? 384.0f * group_sums[g] : _mm512_reduce_add_ps(offsets);
+      offset_sums[g] = BITS == 8 ? 256.0f * group_sums[g] : _mm512_reduce_add_ps(offsets);
     }
     if constexpr (BITS == 4) {
       // Block of 64 = two registers of 32 words: evens of both, then odds.

@@ -133,6 +133,83 @@ TOLERANCES: Dict[str, float] = {"float32": 1e-3, "bfloat16": 3e-2, "float16": 3e
 types round each output once (a few 2**-8 at worst); float32 differs from
 the reference only in summation order."""
 
+QUANT_MODES: Dict[str, dict] = {
+    "affine": {"bits": (1, 2, 3, 4, 5, 6, 8), "group_sizes": (32, 64, 128), "bits_default": 4,
+               "group_size_default": 64},
+    "mxfp4": {"bits": (4,), "group_sizes": (32,), "bits_default": 4, "group_size_default": 32},
+}
+"""Quantization formats of ``--quant-mode`` (the ones our ``gather_qmm`` and
+quantized ``switch_glu`` take): the bits and group sizes each accepts and
+its defaults."""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the experts are quantized for a run: the format of ``mx.quantize``.
+
+    The expert weights are drawn in the activation dtype, quantized with
+    ``mx.quantize(w, group_size, bits, mode)`` and kept in mlx-lm's
+    ``QuantizedSwitchLinear`` layout: codes ``[E, N, K * bits / 32]``
+    (uint32), scales and (``"affine"`` only) biases ``[E, N, K /
+    group_size]``, the affine scales and biases cast to the activation dtype
+    (``"mxfp4"`` scales stay uint8 E8M0).
+    """
+
+    bits: int
+    group_size: int
+    mode: str = "affine"
+
+    @property
+    def label(self) -> str:
+        """Short name for tables: ``q4g64`` (affine), ``mxfp4``."""
+        return "mxfp4" if self.mode == "mxfp4" else f"q{self.bits}g{self.group_size}"
+
+    def kwargs(self) -> dict:
+        """``group_size``, ``bits`` and ``mode`` as keyword arguments."""
+        return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+
+    def quantize(self, weight: mx.array, dtype: mx.Dtype) -> tuple:
+        """``(w, scales, biases)`` of ``weight`` (``biases`` ``None`` for
+        ``"mxfp4"``), affine scales and biases cast to ``dtype``."""
+        parts = mx.quantize(weight, group_size=self.group_size, bits=self.bits, mode=self.mode)
+        if self.mode == "affine":
+            w, scales, biases = parts
+            return w, scales.astype(dtype), biases.astype(dtype)
+        w, scales = parts[0], parts[1]
+        return w, scales, None
+
+
+def make_quantization(
+    bits: Optional[int] = None, group_size: Optional[int] = None, mode: Optional[str] = None
+) -> Optional[Quantization]:
+    """The :class:`Quantization` of ``--bits``/``--group-size``/``--quant-mode``:
+    ``None`` when all three are ``None`` (float experts), else the mode's
+    defaults (:data:`QUANT_MODES`) for the ones not given.
+
+    Raises:
+        ValueError: For an unknown mode, or bits or a group size the mode
+            does not take.
+    """
+    if bits is None and group_size is None and mode is None:
+        return None
+    mode = "affine" if mode is None else mode
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; known: {', '.join(QUANT_MODES)}")
+    formats = QUANT_MODES[mode]
+    bits = formats["bits_default"] if bits is None else int(bits)
+    group_size = formats["group_size_default"] if group_size is None else int(group_size)
+    if bits not in formats["bits"]:
+        raise ValueError(
+            f"{mode} quantization takes bits {', '.join(map(str, formats['bits']))}; got {bits}"
+        )
+    if group_size not in formats["group_sizes"]:
+        raise ValueError(
+            f"{mode} quantization takes group sizes "
+            f"{', '.join(map(str, formats['group_sizes']))}; got {group_size}"
+        )
+    return Quantization(bits, group_size, mode)
+
+
 DEFAULTS_BY_DEVICE = {
     # A 2-core CPU must finish the default run in a few minutes.
     "cpu": {
@@ -197,11 +274,14 @@ IMPLEMENTATIONS = ("ours", "stock", "reference")
 
 @dataclass(frozen=True)
 class CellSpec:
-    """One cell of the benchmark grid: a model's shapes, a dtype, a token count."""
+    """One cell of the benchmark grid: a model's shapes, a dtype, a token
+    count, and how the experts are quantized (``None``: float experts in
+    the dtype)."""
 
     model: ModelShape
     dtype_name: str
     tokens: int
+    quantization: Optional[Quantization] = None
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -242,11 +322,14 @@ class CellResources:
         rng: NumPy generator for routings (seeded: runs are reproducible).
         weights: Weights shared across the token counts of one model/dtype.
         seed: The run's seed, for MLX's random keys.
+        device_type: ``"cpu"`` or ``"gpu"``: where the cell runs (a mode
+            may spare a stock op that is slow there).
     """
 
     rng: np.random.Generator
     weights: WeightCache
     seed: int
+    device_type: str = "cpu"
 
 
 @dataclass
@@ -261,7 +344,8 @@ class Workload:
         rows: Rows of the benchmarked matmuls (T * k).
         ours: Our implementation.
         stock: MLX's stock implementation (may raise for unsupported dtypes;
-            the harness then reports it as not available).
+            the harness then reports it as not available), or ``None`` when
+            it is too slow to run (then ``stock_skip_reason`` says why).
         reference: The plain-MLX reference, or ``None`` when it is too large
             to run (then ``reference_skip_reason`` says why).
         expected: The reference's result for call 0, computed in a way that
@@ -271,16 +355,22 @@ class Workload:
             call reads.
         flops_per_call: Floating-point operations of one call.
         reference_skip_reason: Why ``reference`` is ``None``.
+        stock_skip_reason: Why ``stock`` is ``None``.
+        single_call: Implementations too slow for the usual warm-up and
+            repeats, with the reason: each makes one timed call and no
+            warm-up call besides the agreement check (stock's).
     """
 
     rows: int
     ours: Callable[[int], mx.array]
-    stock: Callable[[int], mx.array]
+    stock: Optional[Callable[[int], mx.array]]
     reference: Optional[Callable[[int], mx.array]]
     expected: Callable[[], mx.array]
     weight_bytes_per_call: float
     flops_per_call: float
     reference_skip_reason: Optional[str] = None
+    stock_skip_reason: Optional[str] = None
+    single_call: Dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -349,17 +439,18 @@ def random_expert_weights(
     ]
 
 
-def grouped_reference_gather_mm(
-    x: mx.array, b: mx.array, sorted_rhs_indices: np.ndarray
+def _grouped_by_expert(
+    x: mx.array,
+    sorted_rhs_indices: np.ndarray,
+    multiply: Callable[[mx.array, np.ndarray], mx.array],
 ) -> mx.array:
-    """The reference ``gather_mm(x, b, rhs_indices=...)``, one matrix per expert.
+    """Per-expert products of the rows of ``x`` ``[rows, 1, K]``.
 
-    ``x`` is ``[rows, 1, K]`` and ``sorted_rhs_indices`` the sorted expert of
-    each row. Rather than gathering one copy of ``b``'s matrix per row, the
-    rows of each distinct expert are stacked into one ``[rows_e, K]`` matrix
-    (padded to the largest group) and :func:`reference.gather_mm` multiplies
-    each once by its expert: the same float32 products, with memory bounded
-    by the distinct experts. Returns ``[rows, 1, N]``.
+    The rows of each distinct expert of ``sorted_rhs_indices`` are stacked
+    into one ``[rows_e, K]`` matrix (padded to the largest group) and
+    ``multiply(stacked, experts)`` multiplies each stacked matrix (``stacked``
+    is ``[G, widest, K]``) by its expert (``experts``, the ``G`` distinct
+    experts, sorted). Returns the rows' products ``[rows, 1, N]``.
     """
     rows, _, inner = x.shape
     experts, starts, counts = np.unique(
@@ -372,15 +463,96 @@ def grouped_reference_gather_mm(
     stacked = mx.take(
         x.reshape(rows, inner), mx.array(source_rows.reshape(-1).astype(np.uint32)), axis=0
     ).reshape(len(experts), widest, inner)
-    products = reference.gather_mm(
-        stacked, b, rhs_indices=mx.array(experts.astype(np.uint32))
-    )
+    products = multiply(stacked, experts)
     group_of_row = np.repeat(np.arange(len(experts)), counts)
     product_row = group_of_row * widest + (np.arange(rows) - starts[group_of_row])
     cols = products.shape[-1]
     return mx.take(
         products.reshape(-1, cols), mx.array(product_row.astype(np.uint32)), axis=0
     ).reshape(rows, 1, cols)
+
+
+def grouped_reference_gather_mm(
+    x: mx.array, b: mx.array, sorted_rhs_indices: np.ndarray
+) -> mx.array:
+    """The reference ``gather_mm(x, b, rhs_indices=...)``, one matrix per expert.
+
+    ``x`` is ``[rows, 1, K]`` and ``sorted_rhs_indices`` the sorted expert of
+    each row. Rather than gathering one copy of ``b``'s matrix per row, the
+    rows of each distinct expert are stacked into one ``[rows_e, K]`` matrix
+    (padded to the largest group) and :func:`reference.gather_mm` multiplies
+    each once by its expert: the same float32 products, with memory bounded
+    by the distinct experts. Returns ``[rows, 1, N]``.
+    """
+    return _grouped_by_expert(
+        x,
+        sorted_rhs_indices,
+        lambda stacked, experts: reference.gather_mm(
+            stacked, b, rhs_indices=mx.array(experts.astype(np.uint32))
+        ),
+    )
+
+
+DEQUANTIZED_CHUNK_BYTES = 512 * 2**20
+"""Float32 bytes of dequantized experts that
+:func:`grouped_reference_gather_qmm` holds at a time."""
+
+
+def quantized_output_dtype(x_dtype: mx.Dtype, weight: tuple, mode: str) -> mx.Dtype:
+    """The dtype ``gather_qmm`` returns (as :func:`reference.gather_qmm`):
+    ``x`` promoted with the scales and biases for ``"affine"``, ``x``'s
+    dtype otherwise."""
+    if mode != "affine":
+        return x_dtype
+    promoted = mx.zeros((), x_dtype)
+    for part in weight[1:]:
+        if part is not None:
+            promoted = promoted + mx.zeros((), part.dtype)
+    return promoted.dtype
+
+
+def grouped_reference_gather_qmm(
+    x: mx.array,
+    weight: tuple,
+    sorted_rhs_indices: np.ndarray,
+    quantization: "Quantization",
+) -> mx.array:
+    """The reference ``gather_qmm(x, *weight, rhs_indices=..., transpose=True)``,
+    one matrix per expert.
+
+    ``weight`` is an ``mx.quantize`` triple ``(w, scales, biases)`` of
+    ``[E, N, K]`` experts (``biases`` ``None`` for ``"mxfp4"``). As
+    :func:`reference.gather_qmm`: the experts dequantized in float32
+    (:func:`reference.dequantize`), float32 products of the float32 rows,
+    cast to :func:`quantized_output_dtype`; but only the distinct experts
+    are dequantized, a chunk of them at a time (evaluated, so memory stays
+    bounded by :data:`DEQUANTIZED_CHUNK_BYTES`), and each is multiplied once
+    by its stacked rows (as :func:`grouped_reference_gather_mm`).
+    Returns ``[rows, 1, N]``.
+    """
+    w, scales, biases = weight
+    out_dtype = quantized_output_dtype(x.dtype, weight, quantization.mode)
+    cols, inner = w.shape[1], x.shape[-1]
+    chunk = max(1, DEQUANTIZED_CHUNK_BYTES // (cols * inner * mx.float32.size))
+
+    def multiply(stacked: mx.array, experts: np.ndarray) -> mx.array:
+        parts = []
+        for start in range(0, len(experts), chunk):
+            ids = mx.array(experts[start : start + chunk].astype(np.uint32))
+            full = reference.dequantize(
+                w[ids], scales[ids], None if biases is None else biases[ids],
+                group_size=quantization.group_size, bits=quantization.bits,
+                mode=quantization.mode, dtype=mx.float32,
+            )
+            product = reference.gather_mm(
+                stacked[start : start + chunk].astype(mx.float32), full.swapaxes(-1, -2)
+            )
+            mx.eval(product)
+            parts.append(product)
+            del full
+        return mx.concatenate(parts, axis=0).astype(out_dtype)
+
+    return _grouped_by_expert(x, sorted_rhs_indices, multiply)
 
 
 # ---------------------------------------------------------------------------
@@ -396,7 +568,14 @@ def gather_mm_workload(spec: CellSpec, resources: CellResources) -> Workload:
     rhs_indices=idx, sorted_indices=True)`` with ``idx`` the sorted top-k
     experts of T tokens. Calls cycle through cache-cold routings
     (:func:`cache_cold_routings`) and, for small models, weight copies.
+
+    With quantized experts (``spec.quantization``) the call is
+    ``gather_qmm(x, w, scales, biases, rhs_indices=idx, transpose=True,
+    group_size=..., bits=..., mode=..., sorted_indices=True)``, as mlx-lm's
+    QuantizedSwitchLinear calls it (see :func:`quantized_gather_mm_workload`).
     """
+    if spec.quantization is not None:
+        return quantized_gather_mm_workload(spec, resources)
     D, H, E, k = _dims(spec.model)  # the names of ModelShape's docstring
     dtype = spec.dtype
     rows = spec.tokens * k
@@ -479,18 +658,28 @@ def stock_switch_glu(x, gate, up, down, indices, scores, *, group_size=None, bit
     return (y.squeeze(-2) * scores[..., None]).sum(-2)
 
 
-def grouped_reference_switch_glu(x, gate, up, down, indices: np.ndarray, scores):
+def grouped_reference_switch_glu(
+    x, gate, up, down, indices: np.ndarray, scores, quantization: Optional["Quantization"] = None
+):
     """The reference MoE layer (:func:`reference.switch_glu`'s formula) with
-    each projection done per expert by :func:`grouped_reference_gather_mm`,
-    so memory stays bounded for any token count. Returns [T, D]."""
+    each projection done per expert by :func:`grouped_reference_gather_mm`
+    (quantized experts, ``(w, scales, biases)`` triples in the format of
+    ``quantization``: :func:`grouped_reference_gather_qmm`), so memory stays
+    bounded for any token count. Returns [T, D]."""
     tokens, top_k = indices.shape
     flat = indices.reshape(-1)
     order = np.argsort(flat, kind="stable")
     sorted_experts = flat[order]
     rows = mx.take(x, mx.array((order // top_k).astype(np.uint32)), axis=0)[:, None, :]
-    g = grouped_reference_gather_mm(rows, gate.swapaxes(-1, -2), sorted_experts)
-    u = grouped_reference_gather_mm(rows, up.swapaxes(-1, -2), sorted_experts)
-    y = grouped_reference_gather_mm(nn.silu(g) * u, down.swapaxes(-1, -2), sorted_experts)
+
+    def project(a, weight):
+        if quantization is not None:
+            return grouped_reference_gather_qmm(a, weight, sorted_experts, quantization)
+        return grouped_reference_gather_mm(a, weight.swapaxes(-1, -2), sorted_experts)
+
+    g = project(rows, gate)
+    u = project(rows, up)
+    y = project(nn.silu(g) * u, down)
     inverse = mx.array(np.argsort(order).astype(np.uint32))
     y = mx.take(y[:, 0, :], inverse, axis=0).reshape(tokens, top_k, -1)
     return (y * scores[..., None]).sum(-2)
@@ -505,7 +694,14 @@ def switch_glu_workload(spec: CellSpec, resources: CellResources) -> Workload:
     mlx-lm's SwitchGLU on ``mx.gather_mm`` plus the weighted sum
     (:func:`stock_switch_glu`); the reference is ``reference.switch_glu``.
     Calls cycle through cache-cold routings (:func:`cache_cold_routings`).
+
+    With quantized experts (``spec.quantization``) gate, up and down are
+    ``mx.quantize`` triples and the three take them with the format's
+    ``group_size``/``bits``/``mode`` (stock on ``mx.gather_qmm``; see
+    :func:`quantized_switch_glu_workload`).
     """
+    if spec.quantization is not None:
+        return quantized_switch_glu_workload(spec, resources)
     D, H, E, k = _dims(spec.model)
     dtype = spec.dtype
     tokens = spec.tokens
@@ -561,6 +757,204 @@ def switch_glu_workload(spec: CellSpec, resources: CellResources) -> Workload:
     )
 
 
+# --- Quantized experts ------------------------------------------------------
+
+QUANTIZED_CPU_STOCK_MAX_ROWS = 64
+"""On a CPU, the stock path of quantized experts (MLX's ``gather_qmm``) runs
+only on cells of at most this many rows (T * k), and there makes a single
+timed call: MLX 0.32.4's CPU ``gather_qmm`` takes ~0.1 s (float32) to
+~0.7 s (bfloat16) for one Qwen3-30B-A3B up projection of 64 rows on 2
+cores, growing with the rows (seconds per layer call at T = 64). Larger
+cells show ``skip`` in the stock column."""
+
+
+def quantized_expert_bytes(rows: int, cols: int, dtype: mx.Dtype, quantization: Quantization) -> int:
+    """Bytes of one ``[rows, cols]`` expert as :meth:`Quantization.quantize`
+    stores it: the packed codes, the scales and (``"affine"``) the biases."""
+    groups = rows * (cols // quantization.group_size)
+    codes = rows * cols * quantization.bits // 8
+    if quantization.mode == "affine":
+        return codes + 2 * groups * dtype.size
+    return codes + groups  # uint8 scales, no biases
+
+
+def random_quantized_experts(
+    num_experts: int, rows: int, cols: int, dtype: mx.Dtype, quantization: Quantization,
+    copies: int, seed: int,
+) -> List[tuple]:
+    """``copies`` quantized ``[num_experts, rows, cols]`` expert tensors:
+    the weights of :func:`random_expert_weights` (same seeds), each
+    quantized and evaluated before the next is drawn."""
+    out = []
+    for copy in range(copies):
+        weight = random_expert_weights(num_experts, rows, cols, dtype, copy + 1, seed)[copy]
+        quantized = quantization.quantize(weight, dtype)
+        mx.eval(quantized)
+        del weight
+        out.append(quantized)
+    return out
+
+
+def _triple_bytes(weight: tuple) -> int:
+    return sum(part.nbytes for part in weight if part is not None)
+
+
+def _quantized_cpu_limits(
+    resources: CellResources, rows: int
+) -> tuple:
+    """``(stock_skip_reason, single_call)`` of a quantized cell: on a CPU,
+    stock runs only up to :data:`QUANTIZED_CPU_STOCK_MAX_ROWS` rows, and
+    stock and the reference make a single timed call."""
+    if resources.device_type != "cpu":
+        return None, {}
+    single_call = {
+        "reference": "quantized: it dequantizes every expert in float32 on each call; "
+        "one timed call, no warm-up",
+    }
+    if rows > QUANTIZED_CPU_STOCK_MAX_ROWS:
+        return (
+            f"MLX's CPU gather_qmm takes seconds per call; for quantized experts "
+            f"stock runs only up to {QUANTIZED_CPU_STOCK_MAX_ROWS} rows (T*k)",
+            single_call,
+        )
+    single_call["stock"] = (
+        "quantized: MLX's CPU gather_qmm is slow; one timed call, no warm-up "
+        "besides the agreement check"
+    )
+    return None, single_call
+
+
+def _quantized_reference_skip(gathered_bytes: float) -> Optional[str]:
+    if gathered_bytes <= REFERENCE_MAX_GATHERED_BYTES:
+        return None
+    return (
+        f"the reference dequantizes every expert in float32 and gathers one copy "
+        f"per row; cells needing more than {_gib(REFERENCE_MAX_GATHERED_BYTES)} "
+        f"are not timed"
+    )
+
+
+def quantized_gather_mm_workload(spec: CellSpec, resources: CellResources) -> Workload:
+    """Mode ``gather_mm`` on quantized experts: one up projection, as
+    mlx-lm's QuantizedSwitchLinear calls ``mx.gather_qmm``.
+
+    ``x`` is ``[T*k, 1, D]`` and the ``[E, H, D]`` weight an ``mx.quantize``
+    triple (:class:`Quantization`); ours is :func:`mlx_moe_kernels.gather_qmm`,
+    stock ``mx.gather_qmm`` (on a CPU limited by
+    :data:`QUANTIZED_CPU_STOCK_MAX_ROWS`), the reference
+    ``reference.gather_qmm``. Bytes per call count the packed codes, scales
+    and biases of the distinct experts read.
+    """
+    D, H, E, k = _dims(spec.model)
+    dtype = spec.dtype
+    quantization = spec.quantization
+    rows = spec.tokens * k
+    copies = weight_copies_for_cold_cache(E * quantized_expert_bytes(H, D, dtype, quantization))
+    weights = resources.weights.get(
+        "up",
+        lambda: random_quantized_experts(E, H, D, dtype, quantization, copies, resources.seed),
+    )
+    routings = cache_cold_routings(resources.rng, spec.tokens, E, k)
+    indices = [mx.array(routing) for routing in routings]
+    x = mx.random.normal((rows, 1, D), dtype=dtype, key=mx.random.key(resources.seed + 1))
+    mx.eval(indices, x)
+    formats = quantization.kwargs()
+
+    def call_with(op):
+        def call(call_index: int) -> mx.array:
+            weight = weights[(call_index // len(indices)) % len(weights)]
+            return op(
+                x, *weight, rhs_indices=indices[call_index % len(indices)], transpose=True,
+                sorted_indices=True, **formats,
+            )
+
+        return call
+
+    stock_skip_reason, single_call = _quantized_cpu_limits(resources, rows)
+    reference_skip_reason = _quantized_reference_skip(
+        (rows + E) * D * H * mx.float32.size
+    )
+    distinct = float(np.mean([len(np.unique(routing)) for routing in routings]))
+    return Workload(
+        rows=rows,
+        ours=call_with(mlx_moe_kernels.gather_qmm),
+        stock=None if stock_skip_reason else call_with(mx.gather_qmm),
+        reference=None if reference_skip_reason else call_with(reference.gather_qmm),
+        expected=lambda: grouped_reference_gather_qmm(x, weights[0], routings[0], quantization),
+        weight_bytes_per_call=distinct * _triple_bytes(weights[0]) / E,
+        flops_per_call=2.0 * rows * D * H,
+        reference_skip_reason=reference_skip_reason,
+        stock_skip_reason=stock_skip_reason,
+        single_call=single_call,
+    )
+
+
+def quantized_switch_glu_workload(spec: CellSpec, resources: CellResources) -> Workload:
+    """Mode ``switch_glu`` on quantized experts: the whole MoE layer with
+    gate, up and down as ``mx.quantize`` triples (:class:`Quantization`).
+
+    Ours is the quantized :func:`mlx_moe_kernels.switch_glu`, stock
+    :func:`stock_switch_glu` on ``mx.gather_qmm`` (on a CPU limited by
+    :data:`QUANTIZED_CPU_STOCK_MAX_ROWS`), the reference
+    ``reference.switch_glu``; all with the format's ``group_size``, ``bits``
+    and ``mode``. Bytes per call count the packed codes, scales and biases
+    of the distinct experts' three projections.
+    """
+    D, H, E, k = _dims(spec.model)
+    dtype = spec.dtype
+    quantization = spec.quantization
+    tokens = spec.tokens
+
+    def build():
+        return [
+            random_quantized_experts(E, rows, cols, dtype, quantization, 1, resources.seed + offset)[0]
+            for offset, (rows, cols) in enumerate(((H, D), (H, D), (D, H)))
+        ]
+
+    gate, up, down = resources.weights.get("gate_up_down", build)
+    if tokens == 1:
+        routings = [r.reshape(1, k) for r in cache_cold_routings(resources.rng, 1, E, k)]
+    else:
+        routings = [
+            np.argsort(resources.rng.random((tokens, E)), axis=1)[:, :k].astype(np.uint32)
+            for _ in range(ROUTINGS_PER_CELL)
+        ]
+    indices = [mx.array(routing) for routing in routings]
+    x = mx.random.normal((tokens, D), dtype=dtype, key=mx.random.key(resources.seed + 3))
+    scores = mx.softmax(
+        mx.random.normal((tokens, k), key=mx.random.key(resources.seed + 4)), axis=-1
+    ).astype(dtype)
+    mx.eval(indices, x, scores)
+    formats = quantization.kwargs()
+
+    def call_with(op):
+        def call(call_index: int) -> mx.array:
+            return op(x, gate, up, down, indices[call_index % len(indices)], scores, **formats)
+
+        return call
+
+    stock_skip_reason, single_call = _quantized_cpu_limits(resources, tokens * k)
+    reference_skip_reason = _quantized_reference_skip(
+        3 * (tokens * k + E) * D * H * mx.float32.size
+    )
+    distinct = float(np.mean([len(np.unique(routing)) for routing in routings]))
+    expert_bytes = sum(_triple_bytes(weight) for weight in (gate, up, down)) / E
+    return Workload(
+        rows=tokens * k,
+        ours=call_with(mlx_moe_kernels.switch_glu),
+        stock=None if stock_skip_reason else call_with(stock_switch_glu),
+        reference=None if reference_skip_reason else call_with(reference.switch_glu),
+        expected=lambda: grouped_reference_switch_glu(
+            x, gate, up, down, routings[0], scores, quantization
+        ),
+        weight_bytes_per_call=distinct * expert_bytes,
+        flops_per_call=6.0 * tokens * k * D * H,
+        reference_skip_reason=reference_skip_reason,
+        stock_skip_reason=stock_skip_reason,
+        single_call=single_call,
+    )
+
+
 ModeFunction = Callable[[CellSpec, CellResources], Workload]
 
 MODES: Dict[str, ModeFunction] = {
@@ -598,7 +992,8 @@ class ImplementationTiming:
         warmup_calls: Untimed calls made before timing.
         error: Max abs error of call 0 relative to the reference's max
             magnitude (ours and stock only).
-        note: Why it was not timed, when it was not.
+        note: Why it was not timed, when it was not; for a timed one, why
+            it made a single timed call, when it did.
     """
 
     status: str
@@ -615,7 +1010,12 @@ class ImplementationTiming:
 
 @dataclass
 class CellResult:
-    """The measurements of one (mode, model, dtype, tokens) cell."""
+    """The measurements of one (mode, model, dtype, tokens) cell.
+
+    ``weight_bytes_per_call`` counts the distinct experts' weights one call
+    reads: for quantized experts (``quantization`` set) their packed codes,
+    scales and biases.
+    """
 
     mode: str
     model: str
@@ -626,6 +1026,15 @@ class CellResult:
     tolerance: float
     weight_bytes_per_call: float
     flops_per_call: float
+    quantization: Optional[Quantization] = None
+
+    @property
+    def dtype_label(self) -> str:
+        """The dtype, with the experts' quantization if any
+        (``bfloat16 q4g64``)."""
+        if self.quantization is None:
+            return self.dtype
+        return f"{self.dtype} {self.quantization.label}"
 
     def median_s(self, implementation: str) -> Optional[float]:
         """Median call time of an implementation, or ``None``."""
@@ -665,8 +1074,9 @@ class CellResult:
         return problems
 
     def label(self) -> str:
-        """A short name of the cell, e.g. ``qwen3-30b-a3b bfloat16 T=64``."""
-        return f"{self.model} {self.dtype} T={self.tokens}"
+        """A short name of the cell, e.g. ``qwen3-30b-a3b bfloat16 T=64``
+        (``qwen3-30b-a3b bfloat16 q4g64 T=64`` with quantized experts)."""
+        return f"{self.model} {self.dtype_label} T={self.tokens}"
 
     def to_dict(self) -> dict:
         """The cell as plain JSON-ready values (times in milliseconds)."""
@@ -685,6 +1095,9 @@ class CellResult:
             "mode": self.mode,
             "model": self.model,
             "dtype": self.dtype,
+            "quantization": (
+                None if self.quantization is None else self.quantization.kwargs()
+            ),
             "tokens": self.tokens,
             "rows": self.rows,
             "implementations": implementations,
@@ -707,6 +1120,7 @@ class BenchReport:
     machine: dict
     cells: List[CellResult]
     wall_time_s: float = 0.0
+    quantization: Optional[Quantization] = None
 
     @property
     def failures(self) -> List[str]:
@@ -717,6 +1131,9 @@ class BenchReport:
         """The report as plain JSON-ready values."""
         return {
             "mode": self.mode,
+            "quantization": (
+                None if self.quantization is None else self.quantization.kwargs()
+            ),
             "machine": self.machine,
             "wall_time_s": self.wall_time_s,
             "cells": [cell.to_dict() for cell in self.cells],
@@ -802,9 +1219,13 @@ class TimingPolicy:
     repeats: Optional[int] = None
     cell_budget_s: float = CELL_TIME_BUDGET_S
 
-    def wants_more(self, name: str, samples: Sequence[float], share_s: float) -> bool:
-        """Whether ``name`` should make another timed call."""
-        cap = REFERENCE_MAX_REPEATS if name == "reference" else MAX_REPEATS
+    def wants_more(
+        self, name: str, samples: Sequence[float], share_s: float, cap: Optional[int] = None
+    ) -> bool:
+        """Whether ``name`` should make another timed call (at most ``cap``
+        if given: a workload's single-call implementations)."""
+        if cap is None:
+            cap = REFERENCE_MAX_REPEATS if name == "reference" else MAX_REPEATS
         if self.repeats is not None:
             return len(samples) < min(self.repeats, cap)
         return not samples or (len(samples) < cap and sum(samples) < share_s)
@@ -825,6 +1246,9 @@ def measure_cell(
     expected = workload.expected()
     mx.eval(expected)
     for name, implementation in (("ours", workload.ours), ("stock", workload.stock)):
+        if implementation is None:
+            timings[name] = ImplementationTiming("skipped", note=workload.stock_skip_reason)
+            continue
         try:
             start = time.perf_counter()
             out = implementation(0)
@@ -836,7 +1260,8 @@ def measure_cell(
             timings[name] = ImplementationTiming(status, note=_one_line(exc))
             continue
         timings[name] = ImplementationTiming(
-            "ok", warmup_calls=1, error=max_relative_error(out, expected)
+            "ok", warmup_calls=1, error=max_relative_error(out, expected),
+            note=workload.single_call.get(name),
         )
         callables[name] = implementation
         del out
@@ -849,14 +1274,16 @@ def measure_cell(
             "skipped", note=workload.reference_skip_reason
         )
     else:
-        timings["reference"] = ImplementationTiming("ok")
+        timings["reference"] = ImplementationTiming(
+            "ok", note=workload.single_call.get("reference")
+        )
         callables["reference"] = workload.reference
         warmup_spent["reference"] = 0.0
 
     next_call = 1  # call 0 was the agreement check
     for _ in range(WARMUP_CALLS):
         for name in IMPLEMENTATIONS:
-            if name not in callables:
+            if name not in callables or name in workload.single_call:
                 continue
             timing = timings[name]
             if timing.warmup_calls >= WARMUP_CALLS or warmup_spent[name] >= WARMUP_BUDGET_S:
@@ -872,7 +1299,8 @@ def measure_cell(
             samples = timings[name].samples_s
             samples.append(time_call(callables[name], next_call))
             next_call += 1
-            if not policy.wants_more(name, samples, share_s):
+            cap = 1 if name in workload.single_call else None
+            if not policy.wants_more(name, samples, share_s, cap):
                 active.remove(name)
 
     return CellResult(
@@ -885,6 +1313,7 @@ def measure_cell(
         tolerance=TOLERANCES[spec.dtype_name],
         weight_bytes_per_call=workload.weight_bytes_per_call,
         flops_per_call=workload.flops_per_call,
+        quantization=spec.quantization,
     )
 
 
@@ -963,18 +1392,20 @@ def _names(values: Optional[Iterable], default: Sequence) -> List:
 
 @dataclass(frozen=True)
 class BenchGrid:
-    """A validated benchmark plan: every (model, dtype, tokens) cell of a mode."""
+    """A validated benchmark plan: every (model, dtype, tokens) cell of a
+    mode, with the experts' quantization (``None``: float experts)."""
 
     mode: str
     device: mx.Device
     models: List[ModelShape]
     dtypes: List[str]
     tokens: List[int]
+    quantization: Optional[Quantization] = None
 
     def cells(self) -> List[CellSpec]:
         """The cells in run order (model, then dtype, then tokens)."""
         return [
-            CellSpec(model, dtype, count)
+            CellSpec(model, dtype, count, self.quantization)
             for model in self.models
             for dtype in self.dtypes
             for count in self.tokens
@@ -988,6 +1419,7 @@ def plan_grid(
     tokens: Optional[Iterable[int]] = None,
     dtypes: Optional[Iterable[str]] = None,
     device: Union[mx.Device, mx.DeviceType, None] = None,
+    quantization: Optional[Quantization] = None,
 ) -> BenchGrid:
     """Check a run's arguments and fill in the device's defaults.
 
@@ -995,7 +1427,8 @@ def plan_grid(
 
     Raises:
         ValueError: For an unknown mode, model or dtype, a non-positive
-            token count, or a device this MLX build does not have.
+            token count, a device this MLX build does not have, or a model
+            whose expert sizes the quantization's group size does not divide.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
@@ -1017,7 +1450,16 @@ def plan_grid(
         raise ValueError(f"token counts must be positive, got {token_counts}")
     if not (shapes and dtype_names and token_counts):
         raise ValueError("nothing to run: no model, dtype or token count")
-    return BenchGrid(mode, device, shapes, dtype_names, token_counts)
+    if quantization is not None:
+        for shape in shapes:
+            if shape.hidden_size % quantization.group_size or (
+                shape.expert_hidden_size % quantization.group_size
+            ):
+                raise ValueError(
+                    f"group size {quantization.group_size} does not divide the expert "
+                    f"sizes of {shape.name} (D={shape.hidden_size}, H={shape.expert_hidden_size})"
+                )
+    return BenchGrid(mode, device, shapes, dtype_names, token_counts, quantization)
 
 
 def run(
@@ -1031,6 +1473,7 @@ def run(
     repeats: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
+    quantization: Optional[Quantization] = None,
 ) -> BenchReport:
     """Run one benchmark mode over a grid of models, dtypes and token counts.
 
@@ -1049,6 +1492,13 @@ def run(
             :data:`CELL_TIME_BUDGET_S` per cell.
         seed: Seed of the weights, inputs and routings.
         progress: Show a progress bar on stderr.
+        quantization: Quantize the experts on the fly in this format
+            (:func:`make_quantization`) and benchmark the quantized ops
+            (``gather_qmm``; ``switch_glu`` on ``mx.quantize`` triples);
+            ``None`` for float experts. On a CPU the stock path
+            (``mx.gather_qmm``) is then limited
+            (:data:`QUANTIZED_CPU_STOCK_MAX_ROWS`) and, like the reference,
+            makes a single timed call.
 
     Returns:
         The :class:`BenchReport`; its ``failures`` list the cells whose
@@ -1058,12 +1508,16 @@ def run(
         ValueError: For arguments :func:`plan_grid` rejects, or a
             non-positive repeat count.
     """
-    grid = plan_grid(mode, models=models, tokens=tokens, dtypes=dtypes, device=device)
+    grid = plan_grid(
+        mode, models=models, tokens=tokens, dtypes=dtypes, device=device,
+        quantization=quantization,
+    )
     if repeats is not None and repeats < 1:
         raise ValueError(f"repeats must be positive, got {repeats}")
     build = MODES[mode]
     policy = TimingPolicy(repeats=repeats)
-    resources = CellResources(np.random.default_rng(seed), WeightCache(), seed)
+    device_type = "gpu" if grid.device.type == mx.DeviceType.gpu else "cpu"
+    resources = CellResources(np.random.default_rng(seed), WeightCache(), seed, device_type)
     specs = grid.cells()
     bar = make_progress(len(specs), progress)
     cells: List[CellResult] = []
@@ -1072,8 +1526,9 @@ def run(
         with mx.stream(grid.device):
             for index, spec in enumerate(specs):
                 if bar is not None:
+                    quantized = "" if quantization is None else f" {quantization.label}"
                     bar.set_description(
-                        f"{spec.model.name} {spec.dtype_name} T={spec.tokens}"
+                        f"{spec.model.name} {spec.dtype_name}{quantized} T={spec.tokens}"
                     )
                 workload = build(spec, resources)
                 cells.append(measure_cell(mode, spec, workload, include_reference, policy))
@@ -1095,6 +1550,7 @@ def run(
         machine=machine_info(grid.device),
         cells=cells,
         wall_time_s=time.perf_counter() - started,
+        quantization=quantization,
     )
 
 
@@ -1135,10 +1591,12 @@ def format_table(cells: Sequence[CellResult]) -> str:
     """Cells as an aligned plain-text table followed by footnotes.
 
     Times are medians in ms; ``x stock`` and ``x ref`` are the speedups of
-    ours; GB/s counts the distinct expert weights a call reads; errors are
-    max abs errors relative to the reference's max magnitude; a value not
-    measured shows its reason's mark (n/a, skip, off, FAIL), explained below
-    the table.
+    ours; GB/s counts the distinct expert weights a call reads (quantized
+    experts: their packed codes, scales and biases); errors are max abs
+    errors relative to the reference's max magnitude; a value not measured
+    shows its reason's mark (n/a, skip, off, FAIL), and a time from a single
+    call a ``*``, explained below the table. Quantized cells show their
+    format after the dtype (``bfloat16 q4g64``, ``float32 mxfp4``).
     """
     header = [
         "model", "dtype", "T", "rows", "ours ms", "stock ms", "ref ms",
@@ -1150,6 +1608,9 @@ def format_table(cells: Sequence[CellResult]) -> str:
         def time_column(name: str) -> str:
             timing = cell.timings[name]
             if timing.status == "ok":
+                if timing.note:
+                    notes[("*", name, timing.note)] = None
+                    return _format_ms(timing.median_s) + "*"
                 return _format_ms(timing.median_s)
             mark = _STATUS_MARKS[timing.status]
             notes[(mark, name, timing.note)] = None
@@ -1163,7 +1624,7 @@ def format_table(cells: Sequence[CellResult]) -> str:
             return f"{error:.1e}{flag}"
 
         rows.append([
-            cell.model, cell.dtype, str(cell.tokens), str(cell.rows),
+            cell.model, cell.dtype_label, str(cell.tokens), str(cell.rows),
             time_column("ours"), time_column("stock"), time_column("reference"),
             _format_speedup(cell.speedup_over("stock")),
             _format_speedup(cell.speedup_over("reference")),
@@ -1182,9 +1643,13 @@ def format_table(cells: Sequence[CellResult]) -> str:
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     tolerances = sorted({(c.dtype, c.tolerance) for c in cells})
     out.append("")
+    if any(c.quantization is not None for c in cells):
+        read = "packed weights + scales + biases of the distinct experts"
+    else:
+        read = "distinct expert weights"
     out.append(
         "times: median ms per call (cache-cold, interleaved); x stock / x ref: "
-        "speedup of ours; GB/s: distinct expert weights read per call / ours"
+        f"speedup of ours; GB/s: {read} read per call / ours"
     )
     out.append(
         "err: max |out - reference| / max |reference| on one call; tolerance "
@@ -1217,7 +1682,7 @@ def plot_speedups(report: BenchReport, path: str) -> None:
         for versus, lines in series.items():
             speedup = cell.speedup_over(versus)
             if speedup is not None:
-                lines.setdefault(f"{cell.model} {cell.dtype}", []).append(
+                lines.setdefault(f"{cell.model} {cell.dtype_label}", []).append(
                     (cell.tokens, speedup)
                 )
     labels = sorted({label for lines in series.values() for label in lines})

@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
             "interleaved (ours, stock, reference, ours, ...), and print a table "
             "of medians. Before timing, each cell checks that ours and stock "
             "agree with the reference; the exit status is 1 if one does not "
-            f"({_tolerances_help()}, relative to the largest output)."
+            f"({_tolerances_help()}, relative to the largest output). "
+            "With --bits, --group-size or --quant-mode the experts are quantized "
+            "on the fly (mx.quantize, mlx-lm's layout) and the quantized ops are "
+            "timed: ours (gather_qmm; switch_glu on the quantized triples) against "
+            "mx.gather_qmm and the reference."
         ),
         epilog=(
             "modes:\n"
@@ -147,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  mlx-moe bench --model all --tokens 1,16 --dtype bfloat16\n"
             "  mlx-moe bench --tokens 1 --dtype float32 --repeats 3 --json out.json\n"
             "  mlx-moe bench --no-reference --plot speedup.png\n"
+            "  mlx-moe bench --bits 4 --tokens 1,8 --dtype bfloat16\n"
+            "  mlx-moe bench --mode gather_mm --quant-mode mxfp4\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -204,6 +210,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         metavar="FILE.png",
         help="also plot speedup against tokens to FILE.png (needs matplotlib)",
+    )
+    quant = bench_parser.add_argument_group(
+        "quantized experts",
+        textwrap.fill(
+            "given any of these options, the expert weights are drawn in the --dtype, "
+            "quantized with mx.quantize (mlx-lm's QuantizedSwitchLinear layout: uint32 codes, "
+            "affine scales and biases in the --dtype, mxfp4 uint8 scales) and the quantized "
+            "ops are timed: ours (gather_qmm in gather_mm mode, the quantized switch_glu in "
+            "switch_glu mode) against stock (mx.gather_qmm, mlx-lm's SwitchGLU on it) and the "
+            "reference. GB/s counts the packed weights, scales and biases read. On a CPU, "
+            "MLX's gather_qmm is very slow: stock runs only on cells of at most "
+            f"{bench.QUANTIZED_CPU_STOCK_MAX_ROWS} rows (T*k; 'skip' above) and, like the "
+            "reference, makes a single timed call ('*' in the table)",
+            width=_HELP_WIDTH - 2,
+        ),
+    )
+    quant.add_argument(
+        "--bits", type=_positive_int, metavar="B",
+        help="bits per weight: affine 1, 2, 3, 4, 5, 6 or 8; mxfp4 4 (default: 4)",
+    )
+    quant.add_argument(
+        "--group-size", type=_positive_int, metavar="G",
+        help="weights per scale: affine 32, 64 or 128 (default 64); mxfp4 32 (default 32)",
+    )
+    quant.add_argument(
+        "--quant-mode", choices=list(bench.QUANT_MODES),
+        help="quantization mode (default: affine)",
     )
     bench_parser.add_argument(
         "--no-progress",
@@ -398,7 +431,11 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         models = _model_names(args.model)
         tokens = _token_counts(args.tokens)
         dtypes = _split_list(args.dtype)
-        bench.plan_grid(args.mode, models=models, tokens=tokens, dtypes=dtypes, device=device)
+        quantization = bench.make_quantization(args.bits, args.group_size, args.quant_mode)
+        bench.plan_grid(
+            args.mode, models=models, tokens=tokens, dtypes=dtypes, device=device,
+            quantization=quantization,
+        )
     except ValueError as exc:
         parser.error(str(exc))
     report = bench.run(
@@ -411,9 +448,16 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         repeats=args.repeats,
         seed=args.seed,
         progress=args.progress,
+        quantization=quantization,
     )
 
-    print(f"mlx-moe bench --mode {report.mode} on {report.machine['device']} "
+    quantized = ""
+    if quantization is not None:
+        quantized = (
+            f" --bits {quantization.bits} --group-size {quantization.group_size} "
+            f"--quant-mode {quantization.mode}"
+        )
+    print(f"mlx-moe bench --mode {report.mode}{quantized} on {report.machine['device']} "
           f"({report.machine['platform']}, mlx {report.machine['mlx_version']}), "
           f"{report.wall_time_s:.0f} s")
     print(report.format_table())
