@@ -86,7 +86,7 @@ inline void unpack_codes(const uint8_t* p, __m512i& low, __m512i& high) {
 }
 
 // COLUMNS weight rows x ROWS activation rows over all K; adds the results to
-// out[r * ldo + c].
+// out[r * ldo + c]. `scales`: room for COLUMNS x groups floats.
 template <int BITS, int COLUMNS, int ROWS>
 inline void direct_tile(
     const QuantizedRowRef* w,
@@ -95,7 +95,8 @@ inline void direct_tile(
     int group_size,
     float* out,
     int64_t ldo,
-    const QuantizedRowRef* next) {
+    const QuantizedRowRef* next,
+    float* scales) {
   // Bytes of codes per 32-byte step and activations per step.
   constexpr int kElementsPerStep = BITS == 4 ? 64 : 32;
   const int steps_per_group = group_size / kElementsPerStep;
@@ -113,9 +114,6 @@ inline void direct_tile(
     }
   }
   // The tile's scales in float32, broadcast from memory in the group loop.
-  DirectScratch& scratch = direct_scratch();
-  scratch.scales.resize(COLUMNS * groups);
-  float* scales = scratch.scales.data();
 #pragma GCC unroll 4
   for (int c = 0; c < COLUMNS; ++c) {
     const uint16_t* src = static_cast<const uint16_t*>(w[c].scales);
@@ -212,12 +210,13 @@ inline void direct_tile_rows(
     int group_size,
     float* out,
     int64_t ldo,
-    const QuantizedRowRef* next) {
+    const QuantizedRowRef* next,
+    float* scales) {
   if constexpr (MAX_ROWS >= 1) {
     if (rows == MAX_ROWS) {
-      direct_tile<BITS, COLUMNS, MAX_ROWS>(w, x, K, group_size, out, ldo, next);
+      direct_tile<BITS, COLUMNS, MAX_ROWS>(w, x, K, group_size, out, ldo, next, scales);
     } else {
-      direct_tile_rows<BITS, COLUMNS, MAX_ROWS - 1>(rows, w, x, K, group_size, out, ldo, next);
+      direct_tile_rows<BITS, COLUMNS, MAX_ROWS - 1>(rows, w, x, K, group_size, out, ldo, next, scales);
     }
   }
 }
@@ -301,6 +300,10 @@ void direct_dot(
     int64_t following_count) {
   thread_local std::vector<DirectRow> rows;
   prepare_direct_rows<BITS>(x_rows, num_rows, K, group_size, rows);
+  // One tile's scales in float32 (looked up once here, not per tile).
+  DirectScratch& scratch = direct_scratch();
+  scratch.scales.resize(kDirectMaxColumns * (K / group_size));
+  float* scales = scratch.scales.data();
   // The first tiles, requested all at once (the in-loop prefetch covers
   // tile kPrefetchTiles onwards).
   const int64_t row_bytes = K * BITS / 8;
@@ -327,14 +330,14 @@ void direct_dot(
     for (int64_t r = 0; r < num_rows; r += kDirectMaxRows) {
       const int n = static_cast<int>(std::min<int64_t>(kDirectMaxRows, num_rows - r));
       direct_tile_rows<BITS, kDirectMaxColumns, kDirectMaxRows>(
-          n, w + c, rows.data() + r, K, group_size, acc + r * ldacc + c, ldacc, r == 0 ? next : nullptr);
+          n, w + c, rows.data() + r, K, group_size, acc + r * ldacc + c, ldacc, r == 0 ? next : nullptr, scales);
     }
   }
   for (; c < columns; ++c) {
     for (int64_t r = 0; r < num_rows; r += kDirectMaxRows) {
       const int n = static_cast<int>(std::min<int64_t>(kDirectMaxRows, num_rows - r));
       direct_tile_rows<BITS, 1, kDirectMaxRows>(
-          n, w + c, rows.data() + r, K, group_size, acc + r * ldacc + c, ldacc, nullptr);
+          n, w + c, rows.data() + r, K, group_size, acc + r * ldacc + c, ldacc, nullptr, scales);
     }
   }
 }
