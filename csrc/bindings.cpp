@@ -5,6 +5,7 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
+#include "metal/gather_mm_plan.h"
 #include "ops.h"
 
 namespace nb = nanobind;
@@ -95,4 +96,29 @@ NB_MODULE(_ext, m) {
       nb::kw_only(),
       "stream"_a = nb::none(),
       "Slots sorted by expert and per-expert offsets (see mlx_moe_kernels.route).");
+
+  m.def(
+      "_plan_gather_mm",
+      [](int64_t rows, int64_t max_rows_per_expert, int64_t N, int64_t K, int64_t num_experts,
+         mx::Dtype dtype) {
+        auto plan = mlx_moe::metal::plan_gather_mm(rows, max_rows_per_expert, N, K, num_experts, dtype);
+        nb::dict d;
+        d["kernel"] = plan.kernel;
+        d["prefill"] = plan.prefill;
+        d["grid"] = nb::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
+        d["threads"] = nb::make_tuple(plan.threads[0], plan.threads[1], plan.threads[2]);
+        d["threadgroup_memory"] = plan.threadgroup_memory;
+        d["block_rows"] = plan.block_rows;
+        d["block_cols"] = plan.block_cols;
+        d["k_chunk"] = plan.params.k_chunk;
+        d["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(plan.params));
+        return d;
+      },
+      "rows"_a,
+      "max_rows_per_expert"_a,
+      "N"_a,
+      "K"_a,
+      "num_experts"_a,
+      "dtype"_a,
+      "Private: the Metal launch plan of gather_mm (kernel, grid, threads, threadgroup memory, params bytes).");
 }

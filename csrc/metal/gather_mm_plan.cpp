@@ -1,0 +1,89 @@
+#include "metal/gather_mm_plan.h"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+
+namespace mlx_moe::metal {
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+uint32_t to_u32(int64_t v, const char* what) {
+  if (v < 0 || v > std::numeric_limits<uint32_t>::max()) {
+    throw std::invalid_argument(std::string("[gather_mm] ") + what + " out of range for the Metal kernels");
+  }
+  return static_cast<uint32_t>(v);
+}
+
+// MSL type name (kernel-name suffix) and size of a supported dtype.
+std::pair<const char*, int64_t> type_of(mlx::core::Dtype dtype) {
+  if (dtype == mlx::core::float32) return {"float", 4};
+  if (dtype == mlx::core::float16) return {"half", 2};
+  if (dtype == mlx::core::bfloat16) return {"bfloat", 2};
+  throw std::invalid_argument("[gather_mm] the Metal kernels take float32, float16 or bfloat16");
+}
+
+}  // namespace
+
+GatherMMLaunch plan_gather_mm(
+    int64_t rows,
+    int64_t max_rows_per_expert,
+    int64_t N,
+    int64_t K,
+    int64_t num_experts,
+    mlx::core::Dtype dtype) {
+  auto [type_name, type_size] = type_of(dtype);
+  if (rows < 0 || N < 0 || K < 0 || num_experts < 1 || max_rows_per_expert < 0) {
+    throw std::invalid_argument("[gather_mm] negative sizes or no experts");
+  }
+  if (rows > 0 && max_rows_per_expert < 1) {
+    throw std::invalid_argument("[gather_mm] max_rows_per_expert must be >= 1 when there are rows");
+  }
+  const int64_t max_rows = std::min(max_rows_per_expert, rows);
+
+  GatherMMLaunch plan;
+  plan.params.rows = to_u32(rows, "rows");
+  plan.params.N = to_u32(N, "N");
+  plan.params.K = to_u32(K, "K");
+  plan.params.num_experts = to_u32(num_experts, "num_experts");
+  plan.prefill = max_rows > kDecodeMaxRowsPerExpert;
+
+  if (!plan.prefill) {
+    int64_t bm = 1;
+    while (bm < max_rows) bm *= 2;
+    const int64_t vec = 16 / type_size;  // elements per 16-byte load
+    // As much of K as fits the stage budget, in whole vectors.
+    const int64_t budget = std::max<int64_t>(vec, kDecodeStageBytes / (bm * type_size) / vec * vec);
+    const int64_t k_chunk = std::min(ceil_div(std::max<int64_t>(K, 1), vec) * vec, budget);
+    plan.block_rows = static_cast<uint32_t>(bm);
+    plan.block_cols = kDecodeThreads / 32 * kDecodeColsPerSimdgroup;
+    plan.threads = {kDecodeThreads, 1, 1};
+    plan.threadgroup_memory = static_cast<uint32_t>(ceil_div(bm * k_chunk * type_size, 16) * 16);
+    plan.params.k_chunk = static_cast<uint32_t>(k_chunk);
+    plan.kernel = std::string("gather_mm_decode_") + type_name + "_bm" + std::to_string(bm);
+  } else {
+    const bool wide = max_rows >= kPrefillWideMinRows;
+    plan.block_rows = wide ? 32 : 16;
+    plan.block_cols = wide ? 64 : 32;
+    plan.threads = {kPrefillThreads, 1, 1};
+    const int64_t floats = std::max<int64_t>(
+        (plan.block_rows + plan.block_cols) * kPrefillBK, plan.block_rows * plan.block_cols);
+    plan.threadgroup_memory = static_cast<uint32_t>(floats * 4);
+    plan.params.k_chunk = kPrefillBK;
+    plan.kernel = std::string("gather_mm_prefill_") + type_name + "_bm" + std::to_string(plan.block_rows) +
+        "_bn" + std::to_string(plan.block_cols);
+  }
+  if (rows > 0 && max_rows > 0 && N > 0) {
+    plan.grid = {
+        static_cast<uint32_t>(ceil_div(N, plan.block_cols)),
+        static_cast<uint32_t>(num_experts),
+        static_cast<uint32_t>(ceil_div(max_rows, plan.block_rows))};
+  }
+  return plan;
+}
+
+}  // namespace mlx_moe::metal

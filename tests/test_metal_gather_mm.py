@@ -1,0 +1,230 @@
+"""The gather_mm Metal kernels (csrc/metal/gather_mm.metal) run in the
+Metal-on-CPU simulator (tests/metal_sim/) with exactly the launch that the
+Metal dispatch would use (``_ext._plan_gather_mm``, the C++ plan), against a
+float64 NumPy oracle; plus deliberately broken builds (fault toggles in the
+.metal file) that these tests must catch.
+
+Layout (mlx-lm's SwitchLinear): x [rows, K] grouped by expert, per-expert row
+offsets [E + 1] (uint32), w [E, N, K], out [rows, N].
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from metal_sim import MetalSimError, build  # noqa: E402
+
+mx = pytest.importorskip("mlx.core")
+from mlx_moe_kernels import _ext  # noqa: E402
+
+METAL_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "metal" / "gather_mm.metal"
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("g++") is None,
+    reason="the Metal simulator needs Linux and g++",
+)
+
+DTYPES = ["float32", "float16", "bfloat16"]
+MX_DTYPE = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7}
+
+
+@pytest.fixture(scope="session")
+def sim(tmp_path_factory):
+    """sim(race_check=True, FAULT_MACRO=1) -> built Library (cached per variant)."""
+    build_dir = tmp_path_factory.mktemp("metal_gather_mm")
+    cache = {}
+
+    def get(race_check: bool = True, **defines):
+        key = (race_check, tuple(sorted(defines.items())))
+        if key not in cache:
+            cache[key] = build([METAL_SOURCE], build_dir=build_dir, defines=defines, race_check=race_check)
+        return cache[key]
+
+    return get
+
+
+# ------------------------------------------------------------- data, oracle
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even (finite inputs)."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF).astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (np.asarray(b, np.uint32) << 16).view(np.float32)
+
+
+def to_device(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values -> the buffer the kernel reads (bfloat16 as its bits)."""
+    if dtype == "float32":
+        return np.ascontiguousarray(values, np.float32)
+    if dtype == "float16":
+        return np.ascontiguousarray(values.astype(np.float16))
+    return np.ascontiguousarray(bf16_bits(values))
+
+
+def from_device(buf: np.ndarray, dtype: str) -> np.ndarray:
+    return from_bf16_bits(buf).astype(np.float64) if dtype == "bfloat16" else buf.astype(np.float64)
+
+
+def nan_buffer(shape, dtype: str) -> np.ndarray:
+    """An output buffer full of NaN: an element the kernel never writes shows."""
+    if dtype == "bfloat16":
+        return np.full(shape, 0xFFFF, np.uint16)
+    return np.full(shape, np.nan, np.float32 if dtype == "float32" else np.float16)
+
+
+class Case:
+    """One gather_mm problem: rows per expert, N, K, dtype; inputs, oracle."""
+
+    def __init__(self, counts, N, K, dtype, seed=0):
+        rng = np.random.default_rng(seed)
+        self.counts, self.N, self.K, self.dtype = list(counts), N, K, dtype
+        self.E = len(counts)
+        self.rows = int(sum(counts))
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
+        self.x = to_device(rng.standard_normal((self.rows, K)).astype(np.float32), dtype)
+        self.w = to_device(rng.standard_normal((self.E, N, K)).astype(np.float32), dtype)
+        xv, wv = from_device(self.x, dtype), from_device(self.w, dtype)
+        self.exact = np.zeros((self.rows, N))
+        self.scale = np.zeros((self.rows, N))  # sum_k |x_k w_k|
+        for e in range(self.E):
+            r0, r1 = self.offsets[e], self.offsets[e + 1]
+            self.exact[r0:r1] = xv[r0:r1] @ wv[e].T
+            self.scale[r0:r1] = np.abs(xv[r0:r1]) @ np.abs(wv[e]).T
+        self.plan = _ext._plan_gather_mm(self.rows, max(counts), N, K, self.E, MX_DTYPE[dtype])
+
+    def run(self, lib, **launch):
+        out = nan_buffer((self.rows, self.N), self.dtype)
+        p = self.plan
+        res = lib.launch(
+            p["kernel"],
+            [self.x, self.w, self.offsets, out, p["params"]],
+            threadgroups=p["grid"],
+            threads_per_threadgroup=p["threads"],
+            threadgroup_memory=[p["threadgroup_memory"]],
+            **launch,
+        )
+        return from_device(out, self.dtype), res
+
+    def bound(self) -> np.ndarray:
+        """float32 accumulation (about twice the naive dot product bound), then
+        one rounding to the output dtype (a full ulp, for safety)."""
+        g = 2 * self.K * 2.0**-24 * self.scale + 2.0**-40
+        ulp = 2.0 ** -MANTISSA_BITS[self.dtype]
+        return ulp * (np.abs(self.exact) + g) + g + (2.0**-24 if self.dtype == "float16" else 0.0)
+
+    def close(self, got: np.ndarray) -> bool:
+        return bool(np.all(np.abs(got - self.exact) <= self.bound()))
+
+    def assert_close(self, got: np.ndarray):
+        err = np.abs(got - self.exact)
+        bad = ~(err <= self.bound())  # NaN counts as bad
+        assert not bad.any(), (
+            f"{bad.sum()} of {bad.size} wrong, first at {np.argwhere(bad)[0]}: "
+            f"got {got[bad][0]}, exact {self.exact[bad][0]}, bound {self.bound()[bad][0]}"
+        )
+
+
+# Shape classes: (rows per expert, N, K, expected path and row tile).
+SHAPES = {
+    # one token, one expert: decode BM = 1, N not a multiple of the 32-column tile
+    "one_row": ([0, 1, 0, 0], 40, 64, "decode_", "_bm1"),
+    # a few rows per expert, one expert empty: decode BM = 4
+    "few_rows": ([3, 0, 2, 1], 36, 72, "decode_", "_bm4"),
+    # ragged up to 8 rows, x staged in several K chunks (K = 600 > the 8 KiB stage)
+    "ragged_chunked_k": ([8, 5, 0, 1], 40, 600, "decode_", "_bm8"),
+    # K not a multiple of the 16-byte vector (scalar path), N odd
+    "unaligned_k": ([2, 1, 0, 2], 33, 37, "decode_", "_bm2"),
+    # many rows: prefill, narrow tile, ragged experts, K and N not tile multiples
+    "prefill_narrow": ([20, 0, 9, 13], 40, 40, "prefill_", "_bm16_bn32"),
+    # many rows: prefill, wide tile (>= 64 rows), partial row and column tiles
+    "prefill_wide": ([70, 3, 0], 72, 24, "prefill_", "_bm32_bn64"),
+}
+# Cases that also run the race detector with a preempting random schedule.
+RACE_CHECKED = {("few_rows", "float16"), ("ragged_chunked_k", "bfloat16"), ("prefill_narrow", "float32")}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gather_mm_kernels(sim, shape, dtype):
+    counts, N, K, path, tile = SHAPES[shape]
+    case = Case(counts, N, K, dtype, seed=zlib.crc32(f"{shape}-{dtype}".encode()))
+    assert case.plan["kernel"].startswith("gather_mm_" + path) and case.plan["kernel"].endswith(tile)
+    got, res = case.run(sim(race_check=False))
+    assert res.diagnostics == []
+    case.assert_close(got)
+    if (shape, dtype) in RACE_CHECKED:
+        for schedule in ({"schedule": "reverse"}, {"schedule": "random", "seed": 3, "preempt": 0.2}):
+            got, res = case.run(sim(race_check=True), **schedule)
+            assert res.diagnostics == [], res.diagnostics
+            case.assert_close(got)
+
+
+def test_no_rows_launches_nothing():
+    plan = _ext._plan_gather_mm(0, 0, 40, 64, 4, mx.float16)
+    assert plan["grid"] == (0, 0, 0)
+
+
+def test_plan_covers_the_library(sim):
+    """Every kernel the plan can name exists in the .metal file, and its
+    threadgroup memory fits Metal's 32 KiB and is a multiple of 16 bytes."""
+    names = set(sim(race_check=False).kernels)
+    for dtype in MX_DTYPE.values():
+        for max_rows in (1, 2, 3, 5, 8, 9, 63, 64, 500):
+            for K in (1, 37, 2048, 8192):
+                plan = _ext._plan_gather_mm(max_rows * 4, max_rows, 768, K, 128, dtype)
+                assert plan["kernel"] in names
+                assert plan["threadgroup_memory"] % 16 == 0 and 0 < plan["threadgroup_memory"] <= 32768
+                assert plan["prefill"] == (max_rows > 8)
+    with pytest.raises(ValueError, match="gather_mm"):
+        _ext._plan_gather_mm(4, 1, 8, 8, 2, mx.int32)
+
+
+# ----------------------------------------------------------- the tests bite
+def test_missing_x_barrier_is_caught(sim):
+    case = Case(*SHAPES["few_rows"][:3], "float32", seed=11)
+    with pytest.raises(MetalSimError, match="data race"):
+        case.run(sim(race_check=True, GATHER_MM_FAULT_NO_X_BARRIER=1))
+    # without the race detector, the default schedule gives a wrong result
+    got, _ = case.run(sim(race_check=False, GATHER_MM_FAULT_NO_X_BARRIER=1))
+    assert not case.close(got)
+
+
+@pytest.mark.parametrize("shape", ["few_rows", "unaligned_k"])
+def test_shifted_k_index_is_caught(sim, shape):
+    case = Case(*SHAPES[shape][:3], "float16", seed=12)
+    got, res = case.run(sim(race_check=True, GATHER_MM_FAULT_K_SHIFT=1), check=False)
+    assert "out_of_bounds" in res.kinds()  # the last row reads one past x
+    got, _ = case.run(sim(race_check=False, GATHER_MM_FAULT_K_SHIFT=1), check=False)
+    assert not case.close(got)
+
+
+def test_wrong_simd_reduction_is_caught(sim):
+    case = Case(*SHAPES["one_row"][:3], "bfloat16", seed=13)
+    got, _ = case.run(sim(race_check=False, GATHER_MM_FAULT_WRONG_REDUCTION=1))
+    assert not case.close(got)
+
+
+def test_prefill_missing_barrier_is_caught(sim):
+    case = Case(*SHAPES["prefill_narrow"][:3], "float16", seed=14)
+    with pytest.raises(MetalSimError, match="data race"):
+        case.run(sim(race_check=True, GATHER_MM_FAULT_PREFILL_NO_BARRIER=1))
+    got, _ = case.run(sim(race_check=False, GATHER_MM_FAULT_PREFILL_NO_BARRIER=1))
+    assert not case.close(got)
+
+
+def test_prefill_tile_bound_off_by_one_is_caught(sim):
+    """Storing one row past an expert's partial row tile writes into the next
+    expert's rows: another threadgroup's output."""
+    case = Case(*SHAPES["prefill_narrow"][:3], "float32", seed=15)
+    with pytest.raises(MetalSimError, match="another threadgroup|out-of-bounds"):
+        case.run(sim(race_check=True, GATHER_MM_FAULT_TILE_BOUND=1))
