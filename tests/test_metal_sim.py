@@ -367,3 +367,13 @@ template [[host_name("tmpl_h2")]] [[kernel]] void tmpl<half, 2>(device half*, us
     assert '"0:0,0:1,1:0,2:0"' in text  # buffer 0, buffer 1, threadgroup 0, thread_position_in_grid
     assert '"0:0,4:0"' in text
     assert "host_name" not in text
+
+
+def test_host_name_from_adjacent_literals():
+    """MLX-style instantiation macros build names as "prefix_" #type: the
+    adjacent literals are one kernel name."""
+    from metal_sim.harness import _host_name
+
+    assert _host_name('template [[host_name("gather_" "float" "_bm4")]] [[kernel]]') == "gather_float_bm4"
+    assert _host_name('[[host_name("plain")]]') == "plain"
+    assert _host_name("[[kernel]] void f()") is None

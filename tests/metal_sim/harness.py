@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
+
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -34,6 +35,17 @@ ABI = HERE / "msl_abi.h"
 RUNTIME = HERE / "msl_runtime.cpp"
 STUB_INCLUDE = HERE / "include"
 CXX = os.environ.get("CXX", "g++")
+
+
+# host_name("a" "b" ...): adjacent string literals (what MLX-style
+# instantiation macros make of "prefix_" #type) are one name, as in C++.
+_HOST_NAME = re.compile(r'host_name\(\s*((?:"[^"]*"\s*)+)\)')
+
+
+def _host_name(text: str) -> Optional[str]:
+    """The kernel name in the first host_name(...) attribute of `text`."""
+    m = _HOST_NAME.search(text)
+    return "".join(re.findall(r'"([^"]*)"', m.group(1))) if m else None
 
 # What the Apple compiler predefines that kernels test (MSL 3.1: bfloat).
 METAL_DEFINES = {"__METAL_VERSION__": "310", "__HAVE_BFLOAT__": "1", "__METAL_SIM__": "1"}
@@ -187,9 +199,9 @@ def _find_kernels(text: str) -> dict:
             is_template = bool(re.search(r"\btemplate\s*$", text[max(0, i - 20) : i]))
         host = None
         for a in attrs:
-            h = re.search(r'host_name\(\s*"([^"]*)"\s*\)', a)
+            h = _host_name(a)
             if h:
-                host = h.group(1)
+                host = h
         kernels[name] = _Kernel(name, spec, is_template, host, body_end)
     return kernels
 
@@ -226,8 +238,8 @@ def preprocess(text: str) -> tuple:
                 j += 1
             if text.startswith("[[", j):
                 end = text.index("]]", j)
-                h = re.search(r'host_name\(\s*"([^"]*)"\s*\)', text[j:end])
-                host = h.group(1) if h else host
+                h = _host_name(text[j:end])
+                host = h if h else host
                 j = end + 2
             elif re.match(r"kernel\b", text[j:]):
                 j += len("kernel")
