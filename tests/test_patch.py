@@ -300,13 +300,14 @@ def test_unsupported_quantization_is_left_alone(mode, group_size, bits):
         np.testing.assert_array_equal(logits(m, tokens), before)
 
 
-@pytest.mark.parametrize(
-    "dtype,rtol", [(mx.float16, 5e-3), (mx.bfloat16, 3e-2)], ids=["f16", "bf16"]
-)
-def test_half_precision_quantized_model(build, dtype, rtol):
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["f16", "bf16"])
+def test_half_precision_quantized_model(build, dtype):
     """A half-precision quantized model (half scales and biases) keeps its
-    dtype when patched and approximates the unpatched quantized model with
-    the same codes and float32 scales and biases."""
+    dtype when patched, and is as accurate as the unpatched one: against
+    the same codes with float32 scales and biases (the whole model then in
+    float32), our logits' error is at most twice mlx-lm's own half-precision
+    error (a whole model rounds to the half type at every layer, so a fixed
+    tolerance would measure the model, not the kernels)."""
     model = build_model("qwen3_moe")
     model.set_dtype(dtype)
     quantize(model, 32, 4)
@@ -314,11 +315,15 @@ def test_half_precision_quantized_model(build, dtype, rtol):
     reference_model.update(
         tree_map(lambda p: p.astype(mx.float32) if p.dtype == dtype else p, model.parameters())
     )
+    tokens = prompt(1, 16)
+    stock = logits(model, tokens)
     assert mlx_moe_kernels.patch(model) == MOE_LAYERS["qwen3_moe"]
     assert all(b.switch_mlp.uses_fused_kernel() for b in sparse_blocks(model))
-    tokens = prompt(1, 16)
     assert model(tokens).dtype == dtype
-    assert_logits_close(logits(model, tokens), logits(reference_model, tokens), rtol=rtol)
+    exact = logits(reference_model, tokens)
+    ours_error = np.abs(logits(model, tokens) - exact).max()
+    stock_error = np.abs(stock - exact).max()
+    assert ours_error <= 2 * stock_error + 1e-3 * np.abs(exact).max(), (ours_error, stock_error)
 
 
 def test_quantized_switch_glu_with_bias(build):
