@@ -2,7 +2,8 @@
 
 ``tests/native/portable_kernels_check.cpp`` drives ``kernels_portable.cpp``
 (gather_mm with both weight layouts, the fused gate_up and down/combine
-tasks; float32, float16, bfloat16; sizes off every tile multiple) against a
+tasks, gather_qmm on packed affine and mxfp4 codes; float32, float16,
+bfloat16; sizes off every tile multiple) against a
 double-precision loop, without libmlx. Here it is compiled and run:
 
 * with the host compiler and baseline flags: the plain-C++ branch of
@@ -53,7 +54,7 @@ def test_portable_build_native(tmp_path):
     if compiler is None:
         pytest.skip("no C++ compiler")
     out = build_and_run(compiler, tmp_path / "check", [])
-    assert "11 passed, 0 failed" in out
+    assert "16 passed, 0 failed" in out
 
 
 def test_portable_build_arm64_neon(tmp_path):
@@ -62,4 +63,4 @@ def test_portable_build_arm64_neon(tmp_path):
     if compiler is None or emulator is None:
         pytest.skip("no arm64 cross compiler or qemu-aarch64")
     out = build_and_run(compiler, tmp_path / "check", [emulator, "-L", "/usr/aarch64-linux-gnu"])
-    assert "11 passed, 0 failed" in out
+    assert "16 passed, 0 failed" in out

@@ -222,6 +222,107 @@ void check_switch_glu(int tokens, int top_k, int D, int H, int E, ElementType ty
 
 } // namespace
 
+// gather_qmm (transpose: w[e] [N, K] packed along K): random codes packed
+// as MLX's little-endian bit stream, per-group scales (and biases for
+// affine), against a double loop over the dequantized values. `mxfp4`:
+// e2m1 codes with E8M0 scales. Rows per matrix decide the kernel: up to 6
+// the generic direct kernel, more the dequantize-to-buffer path.
+template <typename T>
+void check_gather_qmm(int bits, int group, bool mxfp4, int K, int N, int E, int pairs,
+                      ElementType type, double tol, const char* name) {
+  std::mt19937 rng(bits * 977 + group + K + N + pairs);
+  std::normal_distribution<float> normal;
+  const int groups = K / group;
+  const int64_t row_bytes = int64_t(K) * bits / 8;
+  std::vector<uint8_t> packed(E * N * row_bytes + 8, 0);
+  std::vector<int> codes(E * N * K);
+  for (int64_t i = 0; i < int64_t(codes.size()); ++i) {
+    codes[i] = int(rng() % (1u << bits));
+    const int64_t row = i / K, k = i % K;
+    const int64_t bit = row * row_bytes * 8 + k * bits;
+    for (int b = 0; b < bits; ++b) {
+      if ((codes[i] >> b) & 1) packed[(bit + b) / 8] |= uint8_t(1u << ((bit + b) % 8));
+    }
+  }
+  std::vector<T> scales(E * N * groups), biases(E * N * groups);
+  std::vector<uint8_t> exponents(E * N * groups);
+  for (size_t i = 0; i < scales.size(); ++i) {
+    scales[i] = Store<T>::from(0.05f + 0.01f * normal(rng));
+    biases[i] = Store<T>::from(0.1f * normal(rng));
+    exponents[i] = uint8_t(120 + rng() % 10);
+  }
+  static const double e2m1[16] = {0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6};
+  auto weight = [&](int64_t row, int k) {
+    const int64_t g = row * groups + k / group;
+    const int q = codes[row * K + k];
+    if (mxfp4) return e2m1[q] * std::ldexp(1.0, int(exponents[g]) - 127);
+    return double(Store<T>::to(scales[g])) * q + double(Store<T>::to(biases[g]));
+  };
+  std::vector<T> x(pairs * K), out(pairs * N);
+  for (auto& v : x) v = Store<T>::from(normal(rng));
+  std::vector<uint32_t> rhs(pairs);
+  for (auto& r : rhs) r = rng() % E;
+  std::vector<int64_t> x_off(pairs);
+  for (int p = 0; p < pairs; ++p) x_off[p] = int64_t(p) * K;
+  std::vector<uint32_t> order;
+  std::vector<int64_t> begin;
+  for (int e = 0; e < E; ++e) {
+    bool any = false;
+    for (int p = 0; p < pairs; ++p) {
+      if (int(rhs[p]) == e) {
+        if (!any) begin.push_back(order.size());
+        any = true;
+        order.push_back(p);
+      }
+    }
+  }
+  begin.push_back(order.size());
+  GatherQMMProblem problem;
+  problem.rows_per_pair = 1;
+  problem.N = N;
+  problem.K = K;
+  problem.dtype = type;
+  problem.x = x.data();
+  problem.x_row_stride = K;
+  problem.x_col_stride = 1;
+  problem.x_offsets = x_off.data();
+  problem.w.mode = mxfp4 ? QuantizationMode::mxfp4 : QuantizationMode::affine;
+  problem.w.bits = bits;
+  problem.w.group_size = group;
+  problem.w.packed = packed.data();
+  problem.w.row_bytes = row_bytes;
+  problem.w.matrix_bytes = row_bytes * N;
+  problem.w.scales = mxfp4 ? static_cast<const void*>(exponents.data()) : scales.data();
+  problem.w.biases = mxfp4 ? nullptr : biases.data();
+  problem.w.scale_row_stride = groups;
+  problem.w.scale_matrix_stride = int64_t(groups) * N;
+  problem.transpose = true;
+  problem.matrix_of_pair = rhs.data();
+  problem.out = out.data();
+  problem.pair_order = order.data();
+  problem.group_begin = begin.data();
+  problem.num_groups = int64_t(begin.size()) - 1;
+  for (int64_t g = 0; g < problem.num_groups; ++g) {
+    for (int n = 0; n < N; n += 48) {
+      kernels_portable().gather_qmm_task(problem, {g, n, std::min(N, n + 48)});
+    }
+  }
+  double worst = 0;
+  for (int p = 0; p < pairs; ++p) {
+    for (int n = 0; n < N; ++n) {
+      double s = 0, scale = 0;
+      for (int k = 0; k < K; ++k) {
+        const double term = double(Store<T>::to(x[x_off[p] + k])) * weight(int64_t(rhs[p]) * N + n, k);
+        s += term;
+        scale += std::fabs(term);
+      }
+      const double got = Store<T>::to(out[int64_t(p) * N + n]);
+      worst = std::max(worst, std::fabs(got - s) / (scale + 1e-30));
+    }
+  }
+  report(name, worst, tol);
+}
+
 int main() {
   // Shapes off every tile multiple (K tails, ragged columns and rows).
   for (bool kc : {true, false}) {
@@ -233,6 +334,12 @@ int main() {
   check_switch_glu<float>(5, 2, 40, 24, 4, ElementType::float32, 1e-5, "switch_glu f32");
   check_switch_glu<F16>(3, 3, 37, 29, 5, ElementType::float16, 3e-3, "switch_glu f16");
   check_switch_glu<BF16>(4, 2, 64, 48, 6, ElementType::bfloat16, 2e-2, "switch_glu bf16");
+  // Few rows per matrix (direct kernel) and many (dequantized blocks).
+  check_gather_qmm<float>(4, 32, false, 96, 53, 3, 5, ElementType::float32, 1e-5, "gather_qmm f32 4-bit direct");
+  check_gather_qmm<float>(3, 64, false, 128, 21, 2, 19, ElementType::float32, 1e-5, "gather_qmm f32 3-bit blocks");
+  check_gather_qmm<BF16>(8, 128, false, 256, 19, 3, 4, ElementType::bfloat16, 1e-2, "gather_qmm bf16 8-bit direct");
+  check_gather_qmm<F16>(4, 32, true, 64, 33, 4, 6, ElementType::float16, 2e-3, "gather_qmm f16 mxfp4 direct");
+  check_gather_qmm<BF16>(2, 32, false, 64, 40, 2, 17, ElementType::bfloat16, 1e-2, "gather_qmm bf16 2-bit blocks");
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
