@@ -368,3 +368,21 @@ def test_switch_glu_quantized_bad_input():
         mk.switch_glu(x, gate, up, down, indices([[0, 4], [1, 2]]))
     with pytest.raises(ValueError, match="bits"):
         mk.switch_glu(x, gate, up, down, idx, bits=7)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
+def test_strided_x(build, dtype):
+    """x as a transposed view (K not contiguous): the kernels read it with
+    its strides (direct and dequantized-block paths)."""
+    q, s, b = quantized((4, 40, 128), "affine", 64, 4, dtype)
+    x = rand((6, 128, 3), dtype, seed=11).swapaxes(-1, -2)  # [6, 3, 128], K stride 3
+    check(x, q, s, b, "affine", 64, 4, rhs=indices([0, 0, 3, 1, 1, 1]))
+    many = rand((1, 128, 24), dtype, seed=12).swapaxes(-1, -2)  # 24 rows of one expert
+    check(many, q, s, b, "affine", 64, 4, rhs=indices([2]))
+
+
+def test_zero_columns():
+    w = mx.zeros((2, 0, 8), mx.uint32)
+    scales = mx.zeros((2, 0, 1))
+    out = mk.gather_qmm(rand((3, 1, 64)), w, scales, scales, rhs_indices=indices([0, 1, 1]))
+    assert out.shape == (3, 1, 0)
