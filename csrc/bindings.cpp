@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 
 #include "metal/gather_mm_plan.h"
+#include "metal/switch_glu_plan.h"
 #include "ops.h"
 
 namespace nb = nanobind;
@@ -121,4 +122,43 @@ NB_MODULE(_ext, m) {
       "num_experts"_a,
       "dtype"_a,
       "Private: the Metal launch plan of gather_mm (kernel, grid, threads, threadgroup memory, params bytes).");
+
+  m.def(
+      "_plan_switch_glu",
+      [](int64_t tokens, int64_t top_k, int64_t max_rows_per_expert, int64_t D, int64_t H,
+         int64_t num_experts, mx::Dtype dtype, bool scores) {
+        auto plan = mlx_moe::metal::plan_switch_glu(
+            tokens, top_k, max_rows_per_expert, D, H, num_experts, dtype, scores);
+        auto launch = [](const mlx_moe::metal::SwitchGluLaunch& l) {
+          nb::dict d;
+          d["kernel"] = l.kernel;
+          d["grid"] = nb::make_tuple(l.grid[0], l.grid[1], l.grid[2]);
+          d["threads"] = nb::make_tuple(l.threads[0], l.threads[1], l.threads[2]);
+          nb::list memory;
+          for (uint32_t bytes : l.threadgroup_memory) {
+            memory.append(bytes);
+          }
+          d["threadgroup_memory"] = memory;
+          return d;
+        };
+        nb::dict d;
+        d["gate_up"] = launch(plan.gate_up);
+        d["down"] = launch(plan.down);
+        d["scores"] = plan.scores;
+        d["block_rows"] = plan.block_rows;
+        d["block_cols"] = plan.block_cols;
+        d["d_chunk"] = plan.params.d_chunk;
+        d["h_chunk"] = plan.params.h_chunk;
+        d["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(plan.params));
+        return d;
+      },
+      "tokens"_a,
+      "top_k"_a,
+      "max_rows_per_expert"_a,
+      "D"_a,
+      "H"_a,
+      "num_experts"_a,
+      "dtype"_a,
+      "scores"_a,
+      "Private: the Metal launch plan of the fused SwitchGLU, decode path (gate_up and down launches, params bytes).");
 }

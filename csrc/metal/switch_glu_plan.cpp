@@ -1,0 +1,109 @@
+#include "metal/switch_glu_plan.h"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+
+namespace mlx_moe::metal {
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+int64_t round16(int64_t bytes) {
+  return ceil_div(bytes, 16) * 16;
+}
+
+uint32_t to_u32(int64_t v, const char* what) {
+  if (v < 0 || v > std::numeric_limits<uint32_t>::max()) {
+    throw std::invalid_argument(std::string("[switch_glu] ") + what + " out of range for the Metal kernels");
+  }
+  return static_cast<uint32_t>(v);
+}
+
+std::pair<const char*, int64_t> type_of(mlx::core::Dtype dtype) {
+  if (dtype == mlx::core::float32) return {"float", 4};
+  if (dtype == mlx::core::float16) return {"half", 2};
+  if (dtype == mlx::core::bfloat16) return {"bfloat", 2};
+  throw std::invalid_argument("[switch_glu] the Metal kernels take float32, float16 or bfloat16");
+}
+
+// Elements of a reduction of length `len` staged per pass for bm rows:
+// whole 16-byte vectors, at most kSwitchGluStageBytes in all.
+int64_t stage_chunk(int64_t len, int64_t bm, int64_t type_size) {
+  const int64_t vec = 16 / type_size;
+  const int64_t budget = std::max<int64_t>(vec, kSwitchGluStageBytes / (bm * type_size) / vec * vec);
+  return std::min(ceil_div(std::max<int64_t>(len, 1), vec) * vec, budget);
+}
+
+}  // namespace
+
+SwitchGluPlan plan_switch_glu(
+    int64_t tokens,
+    int64_t top_k,
+    int64_t max_rows_per_expert,
+    int64_t D,
+    int64_t H,
+    int64_t num_experts,
+    mlx::core::Dtype dtype,
+    bool scores) {
+  auto [type_name, type_size] = type_of(dtype);
+  if (tokens < 0 || top_k < 1 || D < 0 || H < 0 || num_experts < 1 || max_rows_per_expert < 0) {
+    throw std::invalid_argument("[switch_glu] negative sizes, top_k < 1 or no experts");
+  }
+  if (tokens > 0 && max_rows_per_expert < 1) {
+    throw std::invalid_argument("[switch_glu] max_rows_per_expert must be >= 1 when there are tokens");
+  }
+  const int64_t max_rows = std::min(max_rows_per_expert, tokens * top_k);
+  if (max_rows > kSwitchGluDecodeMaxRowsPerExpert) {
+    throw std::invalid_argument("[switch_glu] the Metal decode kernels take at most 8 rows per expert");
+  }
+  if (scores && tokens > kSwitchGluDecodeMaxTokens) {
+    throw std::invalid_argument("[switch_glu] the Metal decode kernels with scores take at most 128 tokens");
+  }
+
+  SwitchGluPlan plan;
+  plan.scores = scores;
+  int64_t bm = 1;
+  while (bm < max_rows) bm *= 2;
+  plan.block_rows = static_cast<uint32_t>(bm);
+  plan.block_cols = kSwitchGluThreads / 32 * kSwitchGluColsPerSimdgroup;
+
+  const int64_t d_chunk = stage_chunk(D, bm, type_size);
+  const int64_t h_chunk = stage_chunk(H, bm, type_size);
+  auto& p = plan.params;
+  p.tokens = to_u32(tokens, "tokens");
+  p.top_k = to_u32(top_k, "top_k");
+  p.D = to_u32(D, "D");
+  p.H = to_u32(H, "H");
+  p.num_experts = to_u32(num_experts, "num_experts");
+  p.d_chunk = static_cast<uint32_t>(d_chunk);
+  p.h_chunk = static_cast<uint32_t>(h_chunk);
+  to_u32(tokens * top_k * std::max(D, H), "tokens * top_k * max(D, H)");
+  to_u32(num_experts * H * D, "num_experts * H * D");
+
+  const std::string suffix = std::string("_") + type_name + "_bm" + std::to_string(bm);
+  plan.gate_up.kernel = "moe_gate_up_swiglu_decode" + suffix;
+  plan.gate_up.threads = {kSwitchGluThreads, 1, 1};
+  plan.gate_up.threadgroup_memory = {static_cast<uint32_t>(round16(bm * d_chunk * type_size))};
+  plan.down.kernel = (scores ? "moe_down_combine_decode" : "moe_down_slots_decode") + suffix;
+  plan.down.threads = {kSwitchGluThreads, 1, 1};
+  plan.down.threadgroup_memory = {static_cast<uint32_t>(round16(bm * h_chunk * type_size))};
+  if (scores) {
+    plan.down.threadgroup_memory.push_back(
+        static_cast<uint32_t>(round16(std::max<int64_t>(tokens, 1) * plan.block_cols * 4)));
+  }
+  if (tokens > 0 && max_rows > 0) {
+    if (H > 0) {
+      plan.gate_up.grid = {static_cast<uint32_t>(ceil_div(H, plan.block_cols)), static_cast<uint32_t>(num_experts), 1};
+    }
+    if (D > 0) {
+      plan.down.grid = {static_cast<uint32_t>(ceil_div(D, plan.block_cols)), 1, 1};
+    }
+  }
+  return plan;
+}
+
+}  // namespace mlx_moe::metal

@@ -1,0 +1,64 @@
+// The launch plan of the fused SwitchGLU Metal kernels (switch_glu.metal),
+// decode path: two launches, gate_up (x -> hidden) then down (hidden -> out),
+// each with its kernel, grid, threadgroup size, threadgroup memory and the
+// shared constant-buffer parameters. Plain C++ with no Metal types: the
+// Metal dispatch (eval_gpu) and the simulator tests
+// (tests/test_metal_switch_glu.py, through _ext._plan_switch_glu) both launch
+// exactly what this returns.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <mlx/dtype.h>
+
+#include "metal/switch_glu_params.h"
+
+namespace mlx_moe::metal {
+
+// The decode kernels keep all of an expert's rows in one row tile of at most
+// this many rows (BM = next power of two: 1, 2, 4, 8).
+inline constexpr int64_t kSwitchGluDecodeMaxRowsPerExpert = 8;
+// ... and the down kernel's per-token float accumulators [tokens][32] in
+// threadgroup memory: at most this many tokens (16 KiB).
+inline constexpr int64_t kSwitchGluDecodeMaxTokens = 128;
+inline constexpr uint32_t kSwitchGluThreads = 256;      // 8 simdgroups
+inline constexpr uint32_t kSwitchGluColsPerSimdgroup = 4;  // SWITCH_COLS in the .metal file
+// Staged x / hidden rows: <= 8 KiB (several threadgroups per core).
+inline constexpr int64_t kSwitchGluStageBytes = 8192;
+
+struct SwitchGluLaunch {
+  std::string kernel;                  // host name
+  std::array<uint32_t, 3> grid{};      // threadgroups; all 0: nothing to launch
+  std::array<uint32_t, 3> threads{};   // threads per threadgroup
+  std::vector<uint32_t> threadgroup_memory;  // bytes of [[threadgroup(i)]] (multiples of 16)
+};
+
+struct SwitchGluPlan {
+  uint32_t block_rows = 0;   // BM
+  uint32_t block_cols = 0;   // columns per threadgroup (both launches)
+  bool scores = false;       // down: combine with scores (out [T, D]) or per slot (out [T * k, D])
+  SwitchGluLaunch gate_up;   // buffers: x, gate, up, order, offsets, hidden, params
+  SwitchGluLaunch down;      // buffers: hidden, down, order, offsets, out, params[, scores]
+  SwitchGluParams params{};  // [[buffer(6)]] of gate_up, [[buffer(5)]] of down, sent as is
+};
+
+// x [tokens, D], gate/up [E, H, D], down [E, D, H], hidden [tokens * top_k, H]
+// (sorted order), out [tokens, D] with scores else [tokens * top_k, D];
+// max_rows_per_expert: an upper bound on any expert's slot count (at most
+// kSwitchGluDecodeMaxRowsPerExpert). Throws std::invalid_argument for bad
+// shapes, shapes beyond the decode path, or an unsupported dtype (float32,
+// float16, bfloat16).
+SwitchGluPlan plan_switch_glu(
+    int64_t tokens,
+    int64_t top_k,
+    int64_t max_rows_per_expert,
+    int64_t D,
+    int64_t H,
+    int64_t num_experts,
+    mlx::core::Dtype dtype,
+    bool scores);
+
+}  // namespace mlx_moe::metal

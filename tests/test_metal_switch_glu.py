@@ -1,0 +1,289 @@
+"""The fused SwitchGLU's decode-path Metal kernels (csrc/metal/switch_glu.metal)
+run in the Metal-on-CPU simulator (tests/metal_sim/) with exactly the
+launches that the Metal dispatch would use (``_ext._plan_switch_glu``, the
+C++ plan), against a float64 NumPy oracle; plus deliberately broken builds
+(fault toggles in the .metal file) that these tests must catch.
+
+Semantics (csrc/cpu/switch_glu_problem.h): slots s = t * k + j sorted by
+expert (``order``, ``offsets`` [E + 1]); hidden[i] = silu(x[t_i] @ gate[e]^T)
+* (x[t_i] @ up[e]^T) in sorted order; out[t] = sum_j scores[t, j] *
+(hidden[i(t, j)] @ down[e]^T), or per-slot rows [T * k, D] without scores.
+Each launch is checked against the oracle on its own inputs: gate_up from x,
+down from the hidden rows the gate_up kernel wrote.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from metal_sim import MetalSimError, build  # noqa: E402
+
+mx = pytest.importorskip("mlx.core")
+from mlx_moe_kernels import _ext  # noqa: E402
+
+METAL_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "metal" / "switch_glu.metal"
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("g++") is None,
+    reason="the Metal simulator needs Linux and g++",
+)
+
+DTYPES = ["float32", "float16", "bfloat16"]
+MX_DTYPE = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7}
+EPS32 = 2.0**-24
+
+
+@pytest.fixture(scope="session")
+def sim(tmp_path_factory):
+    """sim(race_check=True, FAULT_MACRO=1) -> built Library (cached per variant)."""
+    build_dir = tmp_path_factory.mktemp("metal_switch_glu")
+    cache = {}
+
+    def get(race_check: bool = True, **defines):
+        key = (race_check, tuple(sorted(defines.items())))
+        if key not in cache:
+            cache[key] = build([METAL_SOURCE], build_dir=build_dir, defines=defines, race_check=race_check)
+        return cache[key]
+
+    return get
+
+
+# ------------------------------------------------------------- data, oracle
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even (finite inputs)."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF).astype(np.uint16)
+
+
+def to_device(values: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float32":
+        return np.ascontiguousarray(values, np.float32)
+    if dtype == "float16":
+        return np.ascontiguousarray(values.astype(np.float16))
+    return np.ascontiguousarray(bf16_bits(values))
+
+
+def from_device(buf: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (np.asarray(buf, np.uint32) << 16).view(np.float32).astype(np.float64)
+    return buf.astype(np.float64)
+
+
+def nan_buffer(shape, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return np.full(shape, 0xFFFF, np.uint16)
+    return np.full(shape, np.nan, np.float32 if dtype == "float32" else np.float16)
+
+
+def silu(g):
+    return g / (1.0 + np.exp(-g))
+
+
+def check(got, exact, bound, what):
+    bad = ~(np.abs(got - exact) <= bound)  # NaN counts as bad
+    assert not bad.any(), (
+        f"{what}: {bad.sum()} of {bad.size} wrong, first at {np.argwhere(bad)[0]}: "
+        f"got {got[bad][0]}, exact {exact[bad][0]}, bound {bound[bad][0]}"
+    )
+
+
+class Case:
+    """One decode SwitchGLU problem: routing indices [T, k], D, H, E, dtype."""
+
+    def __init__(self, indices, D, H, E, dtype, seed=0):
+        rng = np.random.default_rng(seed)
+        self.indices = np.asarray(indices, np.int64)
+        self.T, self.k = self.indices.shape
+        self.D, self.H, self.E, self.dtype = D, H, E, dtype
+        flat = self.indices.reshape(-1)
+        self.order = np.argsort(flat, kind="stable").astype(np.uint32)  # the counting sort's order
+        counts = np.bincount(flat, minlength=E)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
+        self.expert_of_row = flat[self.order]
+        self.x = to_device(rng.standard_normal((self.T, D)).astype(np.float32), dtype)
+        # gate/up scaled so that silu sees both signs and moderate values
+        self.gate = to_device((rng.standard_normal((E, H, D)) / np.sqrt(D)).astype(np.float32) * 2, dtype)
+        self.up = to_device(rng.standard_normal((E, H, D)).astype(np.float32), dtype)
+        self.down = to_device(rng.standard_normal((E, D, H)).astype(np.float32), dtype)
+        self.scores = rng.random((self.T, self.k)).astype(np.float32).reshape(-1)
+        self.max_rows = int(counts.max())
+        self.plans = {
+            s: _ext._plan_switch_glu(self.T, self.k, self.max_rows, D, H, E, MX_DTYPE[dtype], s)
+            for s in (True, False)
+        }
+
+    # -------------------------------------------------------------- launches
+    def run_gate_up(self, lib, **launch):
+        p, g = self.plans[True], self.plans[True]["gate_up"]
+        hidden = nan_buffer((self.T * self.k, self.H), self.dtype)
+        res = lib.launch(
+            g["kernel"],
+            [self.x, self.gate, self.up, self.order, self.offsets, hidden, p["params"]],
+            threadgroups=g["grid"],
+            threads_per_threadgroup=g["threads"],
+            threadgroup_memory=g["threadgroup_memory"],
+            **launch,
+        )
+        return hidden, res
+
+    def run_down(self, lib, hidden, scores: bool, **launch):
+        p = self.plans[scores]
+        d = p["down"]
+        rows = self.T if scores else self.T * self.k
+        out = nan_buffer((rows, self.D), self.dtype)
+        buffers = [hidden, self.down, self.order, self.offsets, out, p["params"]]
+        if scores:
+            buffers.append(self.scores)
+        res = lib.launch(
+            d["kernel"],
+            buffers,
+            threadgroups=d["grid"],
+            threads_per_threadgroup=d["threads"],
+            threadgroup_memory=d["threadgroup_memory"],
+            **launch,
+        )
+        return from_device(out, self.dtype), res
+
+    # ---------------------------------------------------------------- oracle
+    def hidden_oracle(self):
+        """exact hidden rows (sorted order) and an error bound: float32
+        accumulation of g and u, float silu, one rounding to the dtype."""
+        xv = from_device(self.x, self.dtype)
+        gw, uw = from_device(self.gate, self.dtype), from_device(self.up, self.dtype)
+        tok = self.order // self.k
+        e = self.expert_of_row
+        xr = xv[tok]  # [rows, D]
+        g = np.einsum("rd,rhd->rh", xr, gw[e])
+        u = np.einsum("rd,rhd->rh", xr, uw[e])
+        eg = 2 * self.D * EPS32 * np.einsum("rd,rhd->rh", np.abs(xr), np.abs(gw[e])) + 2.0**-40
+        eu = 2 * self.D * EPS32 * np.einsum("rd,rhd->rh", np.abs(xr), np.abs(uw[e])) + 2.0**-40
+        h = silu(g) * u
+        g_h = 1.1 * eg * (np.abs(u) + eu) + np.abs(silu(g)) * eu + 8 * EPS32 * np.abs(h)
+        ulp = 2.0 ** -MANTISSA_BITS[self.dtype]
+        bound = ulp * (np.abs(h) + g_h) + g_h + (2.0**-24 if self.dtype == "float16" else 0.0)
+        return h, bound
+
+    def down_oracle(self, hidden_vals, scores: bool):
+        """exact out from the given hidden rows and its error bound."""
+        dw = from_device(self.down, self.dtype)
+        e = self.expert_of_row
+        per_row = np.einsum("rh,rdh->rd", hidden_vals, dw[e])  # sorted rows
+        scale_row = np.einsum("rh,rdh->rd", np.abs(hidden_vals), np.abs(dw[e]))
+        per_slot = np.zeros_like(per_row)
+        scale_slot = np.zeros_like(per_row)
+        per_slot[self.order] = per_row
+        scale_slot[self.order] = scale_row
+        if scores:
+            s = self.scores.astype(np.float64)[:, None]
+            exact = (s * per_slot).reshape(self.T, self.k, self.D).sum(1)
+            g = ((2 * self.H + 2 * self.k + 4) * EPS32 * s * scale_slot).reshape(self.T, self.k, self.D).sum(1)
+        else:
+            exact, g = per_slot, (2 * self.H + 2) * EPS32 * scale_slot
+        g = g + 2.0**-40
+        ulp = 2.0 ** -MANTISSA_BITS[self.dtype]
+        return exact, ulp * (np.abs(exact) + g) + g + (2.0**-24 if self.dtype == "float16" else 0.0)
+
+    def check_all(self, lib, **launch):
+        hidden, res = self.run_gate_up(lib, **launch)
+        assert res.diagnostics == [], res.diagnostics
+        h_exact, h_bound = self.hidden_oracle()
+        h_got = from_device(hidden, self.dtype)
+        check(h_got, h_exact, h_bound, "hidden")
+        for scores in (True, False):
+            got, res = self.run_down(lib, hidden, scores, **launch)
+            assert res.diagnostics == [], res.diagnostics
+            exact, bound = self.down_oracle(h_got, scores)
+            check(got, exact, bound, f"out (scores={scores})")
+
+    def hidden_close(self, hidden) -> bool:
+        h_exact, h_bound = self.hidden_oracle()
+        return bool(np.all(np.abs(from_device(hidden, self.dtype) - h_exact) <= h_bound))
+
+
+# (indices [T, k], D, H, E, expected row tile BM)
+SHAPES = {
+    # one token, top-1: a single row of one expert, H not a multiple of 32
+    "t1_k1": ([[2]], 64, 40, 4, 1),
+    # one token, top-2, D = 96 (3 vectors per lane for f32), two experts of one row
+    "t1_k2": ([[3, 0]], 96, 48, 4, 1),
+    # three tokens, top-2, ragged (3, 2, 1 rows) and three empty experts
+    "t3_k2_ragged": ([[0, 3], [3, 5], [3, 0]], 72, 36, 6, 4),
+    # D and H not multiples of the 16-byte vector: scalar paths
+    "t3_k2_unaligned": ([[1, 4], [4, 1], [2, 4]], 70, 37, 5, 4),
+    # three tokens, top-1 on the same expert; stages of several chunks for f32
+    "t3_k1_chunked": ([[1], [1], [1]], 680, 520, 8, 4),
+}
+RACE_CHECKED = {("t3_k2_ragged", "float16"), ("t3_k2_unaligned", "bfloat16")}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_switch_glu_decode_kernels(sim, shape, dtype):
+    indices, D, H, E, bm = SHAPES[shape]
+    case = Case(indices, D, H, E, dtype, seed=zlib.crc32(f"{shape}-{dtype}".encode()))
+    plan = case.plans[True]
+    assert plan["block_rows"] == bm
+    tname = {"float32": "float", "float16": "half", "bfloat16": "bfloat"}[dtype]
+    assert plan["gate_up"]["kernel"] == f"moe_gate_up_swiglu_decode_{tname}_bm{bm}"
+    assert plan["down"]["kernel"] == f"moe_down_combine_decode_{tname}_bm{bm}"
+    assert case.plans[False]["down"]["kernel"] == f"moe_down_slots_decode_{tname}_bm{bm}"
+    if shape == "t3_k1_chunked" and dtype == "float32":
+        assert plan["d_chunk"] < D and plan["h_chunk"] < H  # the stages really take several passes
+    case.check_all(sim(race_check=False))
+    if (shape, dtype) in RACE_CHECKED:
+        case.check_all(sim(race_check=True), schedule="random", seed=5, preempt=0.2)
+
+
+def test_plan_covers_the_library(sim):
+    """Every kernel the plan can name exists; threadgroup memory fits 32 KiB
+    in multiples of 16; no launch without tokens; limits are enforced."""
+    names = set(sim(race_check=False).kernels)
+    for dtype in MX_DTYPE.values():
+        for tokens, k, max_rows in ((1, 1, 1), (1, 8, 1), (3, 2, 3), (4, 2, 5), (8, 4, 8), (128, 8, 8)):
+            for D, H in ((1, 1), (37, 70), (2048, 768), (7168, 2048)):
+                for scores in (True, False):
+                    plan = _ext._plan_switch_glu(tokens, k, max_rows, D, H, 64, dtype, scores)
+                    for launch in (plan["gate_up"], plan["down"]):
+                        assert launch["kernel"] in names
+                        mem = launch["threadgroup_memory"]
+                        assert all(m % 16 == 0 and m > 0 for m in mem) and sum(mem) <= 32768
+                    assert len(plan["down"]["threadgroup_memory"]) == (2 if scores else 1)
+    assert _ext._plan_switch_glu(0, 2, 0, 64, 32, 4, mx.float16, True)["gate_up"]["grid"] == (0, 0, 0)
+    with pytest.raises(ValueError, match="switch_glu"):
+        _ext._plan_switch_glu(16, 2, 9, 64, 32, 4, mx.float16, True)  # beyond the decode path
+    with pytest.raises(ValueError, match="switch_glu"):
+        _ext._plan_switch_glu(1, 1, 1, 8, 8, 2, mx.int32, True)
+
+
+# ----------------------------------------------------------- the tests bite
+def test_missing_x_barrier_is_caught(sim):
+    case = Case(*SHAPES["t3_k2_ragged"][:4], "float32", seed=21)
+    with pytest.raises(MetalSimError, match="data race"):
+        case.run_gate_up(sim(race_check=True, SWITCH_GLU_FAULT_NO_X_BARRIER=1))
+    hidden, _ = case.run_gate_up(sim(race_check=False, SWITCH_GLU_FAULT_NO_X_BARRIER=1))
+    assert not case.hidden_close(hidden)
+
+
+def test_shifted_token_index_is_caught(sim):
+    case = Case(*SHAPES["t3_k2_ragged"][:4], "float16", seed=22)
+    _, res = case.run_gate_up(sim(race_check=True, SWITCH_GLU_FAULT_TOKEN_SHIFT=1), check=False)
+    assert "out_of_bounds" in res.kinds()  # the last token's row + 1 is past x
+    hidden, _ = case.run_gate_up(sim(race_check=False, SWITCH_GLU_FAULT_TOKEN_SHIFT=1), check=False)
+    assert not case.hidden_close(hidden)
+
+
+def test_missing_hidden_stage_barrier_is_caught(sim):
+    """Without the barrier after the dot loop, the next expert's hidden rows
+    overwrite the stage while other simdgroups still read it."""
+    case = Case(*SHAPES["t3_k2_ragged"][:4], "bfloat16", seed=23)
+    hidden, _ = case.run_gate_up(sim(race_check=False))
+    with pytest.raises(MetalSimError, match="data race"):
+        case.run_down(sim(race_check=True, SWITCH_GLU_FAULT_NO_H_BARRIER=1), hidden, True)
