@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 
 #include "metal/gather_mm_plan.h"
+#include "metal/route_plan.h"
 #include "metal/switch_glu_plan.h"
 #include "ops.h"
 
@@ -161,4 +162,20 @@ NB_MODULE(_ext, m) {
       "dtype"_a,
       "scores"_a,
       "Private: the Metal launch plan of the fused SwitchGLU, decode path (gate_up and down launches, params bytes).");
+
+  m.def(
+      "_plan_route",
+      [](int64_t slots, int64_t num_experts) {
+        auto plan = mlx_moe::metal::plan_route(slots, num_experts);
+        nb::dict d;
+        d["kernel"] = plan.kernel;
+        d["grid"] = nb::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
+        d["threads"] = nb::make_tuple(plan.threads[0], plan.threads[1], plan.threads[2]);
+        d["key_bits"] = plan.params.key_bits;
+        d["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(plan.params));
+        return d;
+      },
+      "slots"_a,
+      "num_experts"_a,
+      "Private: the Metal launch plan of the routing kernel (kernel, grid, threads, params bytes).");
 }
