@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 
 #include "metal/gather_mm_plan.h"
+#include "metal/gather_qmm_plan.h"
 #include "metal/route_plan.h"
 #include "metal/switch_glu_plan.h"
 #include "ops.h"
@@ -125,6 +126,34 @@ NB_MODULE(_ext, m) {
       "Private: the Metal launch plan of gather_mm (kernel, grid, threads, threadgroup memory, params bytes).");
 
   m.def(
+      "_plan_gather_qmm",
+      [](int64_t rows, int64_t max_rows_per_expert, int64_t N, int64_t K, int64_t num_experts,
+         int group_size, int bits, const std::string& mode, mx::Dtype dtype) {
+        auto plan = mlx_moe::metal::plan_gather_qmm(
+            rows, max_rows_per_expert, N, K, num_experts, group_size, bits, mode, dtype);
+        nb::dict d;
+        d["kernel"] = plan.kernel;
+        d["grid"] = nb::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
+        d["threads"] = nb::make_tuple(plan.threads[0], plan.threads[1], plan.threads[2]);
+        d["threadgroup_memory"] = plan.threadgroup_memory;
+        d["block_rows"] = plan.block_rows;
+        d["block_cols"] = plan.block_cols;
+        d["k_chunk"] = plan.params.k_chunk;
+        d["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(plan.params));
+        return d;
+      },
+      "rows"_a,
+      "max_rows_per_expert"_a,
+      "N"_a,
+      "K"_a,
+      "num_experts"_a,
+      "group_size"_a,
+      "bits"_a,
+      "mode"_a,
+      "dtype"_a,
+      "Private: the Metal launch plan of the quantized gather_mm, decode path (kernel, grid, threads, threadgroup memory, params bytes).");
+
+  m.def(
       "_plan_switch_glu",
       [](int64_t tokens, int64_t top_k, int64_t max_rows_per_expert, int64_t D, int64_t H,
          int64_t num_experts, mx::Dtype dtype, bool scores) {
@@ -145,6 +174,9 @@ NB_MODULE(_ext, m) {
         nb::dict d;
         d["gate_up"] = launch(plan.gate_up);
         d["down"] = launch(plan.down);
+        d["combine"] = launch(plan.combine);
+        d["prefill"] = plan.prefill;
+        d["scratch_bytes"] = plan.scratch_bytes;
         d["scores"] = plan.scores;
         d["block_rows"] = plan.block_rows;
         d["block_cols"] = plan.block_cols;

@@ -135,11 +135,17 @@ class Case:
         return hidden, res
 
     def run_down(self, lib, hidden, scores: bool, **launch):
+        """The down launch (and, prefill with scores, the combine launch:
+        down writes a float32 scratch [T * k, D] by slot, combine sums it)."""
         p = self.plans[scores]
         d = p["down"]
         rows = self.T if scores else self.T * self.k
         out = nan_buffer((rows, self.D), self.dtype)
-        buffers = [hidden, self.down, self.order, self.offsets, out, p["params"]]
+        two_step = scores and p["prefill"]
+        if two_step:
+            assert p["scratch_bytes"] == self.T * self.k * self.D * 4
+            scratch = np.full((self.T * self.k, self.D), np.nan, np.float32)
+        buffers = [hidden, self.down, self.order, self.offsets, scratch if two_step else out, p["params"]]
         if scores:
             buffers.append(self.scores)
         res = lib.launch(
@@ -150,6 +156,17 @@ class Case:
             threadgroup_memory=d["threadgroup_memory"],
             **launch,
         )
+        if two_step:
+            c = p["combine"]
+            res2 = lib.launch(
+                c["kernel"],
+                [scratch, out, p["params"]],
+                threadgroups=c["grid"],
+                threads_per_threadgroup=c["threads"],
+                threadgroup_memory=c["threadgroup_memory"],
+                **launch,
+            )
+            res.diagnostics.extend(res2.diagnostics)
         return from_device(out, self.dtype), res
 
     # ---------------------------------------------------------------- oracle
@@ -257,10 +274,81 @@ def test_plan_covers_the_library(sim):
                         assert all(m % 16 == 0 and m > 0 for m in mem) and sum(mem) <= 32768
                     assert len(plan["down"]["threadgroup_memory"]) == (2 if scores else 1)
     assert _ext._plan_switch_glu(0, 2, 0, 64, 32, 4, mx.float16, True)["gate_up"]["grid"] == (0, 0, 0)
-    with pytest.raises(ValueError, match="switch_glu"):
-        _ext._plan_switch_glu(16, 2, 9, 64, 32, 4, mx.float16, True)  # beyond the decode path
+    # beyond the decode path: the prefill kernels (and the combine launch with scores)
+    for tokens, k, max_rows, scores in ((16, 2, 9, True), (16, 2, 9, False), (200, 1, 3, True), (4096, 8, 3000, True)):
+        for dtype in MX_DTYPE.values():
+            plan = _ext._plan_switch_glu(tokens, k, max_rows, 7168, 2048, 64, dtype, scores)
+            assert plan["prefill"] and plan["block_rows"] == 32
+            launches = [plan["gate_up"], plan["down"]] + ([plan["combine"]] if scores else [])
+            for launch in launches:
+                assert launch["kernel"] in names and all(g > 0 for g in launch["grid"])
+                assert all(m % 16 == 0 and m > 0 for m in launch["threadgroup_memory"])
+                assert sum(launch["threadgroup_memory"]) <= 32768
+            assert plan["gate_up"]["grid"][2] == -(-min(max_rows, tokens * k) // 32)
+            assert plan["scratch_bytes"] == (tokens * k * 7168 * 4 if scores else 0)
+            assert plan["combine"]["grid"] == ((0, 0, 0) if not scores else plan["combine"]["grid"])
+    assert not _ext._plan_switch_glu(200, 1, 3, 64, 32, 4, mx.float16, False)["prefill"]
     with pytest.raises(ValueError, match="switch_glu"):
         _ext._plan_switch_glu(1, 1, 1, 8, 8, 2, mx.int32, True)
+
+
+# ------------------------------------------------------------------ prefill
+def prefill_indices(T, k, E, hot, seed):
+    """[T, k] distinct experts per token, expert 0 favoured with probability
+    `hot` (ragged, > 8 rows per expert); the last expert left empty when E > 4."""
+    rng = np.random.default_rng(seed)
+    usable = E - 1 if E > 4 else E
+    rows = []
+    for _ in range(T):
+        first = 0 if rng.random() < hot else int(rng.integers(1, usable))
+        rest = [e for e in rng.permutation(usable) if e != first][: k - 1]
+        rows.append([first] + [int(e) for e in rest])
+    return rows
+
+
+# (T, k, E, D, H, hot): partial row tiles, column tiles and K tiles.
+PREFILL_SHAPES = {
+    # 48 slots over 4 experts (9..20 rows each); H = 48: a partial column tile
+    "t24_k2": (24, 2, 4, 64, 48, 0.4),
+    # expert 0 with > 32 rows (two row tiles), an empty expert, D = 80 and
+    # H = 56: partial column and K tiles in both launches
+    "t40_k2_two_row_tiles": (40, 2, 5, 80, 56, 0.9),
+}
+
+
+def prefill_case(shape, dtype, seed_extra=""):
+    T, k, E, D, H, hot = PREFILL_SHAPES[shape]
+    seed = zlib.crc32(f"{shape}-{dtype}{seed_extra}".encode())
+    case = Case(prefill_indices(T, k, E, hot, seed), D, H, E, dtype, seed=seed)
+    assert case.max_rows > 8
+    return case
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(PREFILL_SHAPES))
+def test_switch_glu_prefill_kernels(sim, shape, dtype):
+    case = prefill_case(shape, dtype)
+    tname = {"float32": "float", "float16": "half", "bfloat16": "bfloat"}[dtype]
+    plan = case.plans[True]
+    assert plan["prefill"] and case.plans[False]["prefill"]
+    assert plan["gate_up"]["kernel"] == f"moe_gate_up_swiglu_prefill_{tname}_bm32_bn32"
+    assert plan["down"]["kernel"] == f"moe_down_scaled_prefill_{tname}_bm32_bn32"
+    assert plan["combine"]["kernel"] == f"moe_combine_slots_{tname}"
+    assert case.plans[False]["down"]["kernel"] == f"moe_down_slots_prefill_{tname}_bm32_bn32"
+    if shape == "t40_k2_two_row_tiles":
+        assert case.max_rows > 32 and plan["gate_up"]["grid"][2] == 2
+        assert (np.diff(case.offsets.astype(np.int64)) == 0).any()  # an empty expert
+    case.check_all(sim(race_check=False))
+    if (shape, dtype) == ("t40_k2_two_row_tiles", "float16"):
+        case.check_all(sim(race_check=True), schedule="random", seed=7, preempt=0.2)
+
+
+def test_missing_prefill_stage_barrier_is_caught(sim):
+    case = prefill_case("t24_k2", "float32", seed_extra="fault")
+    with pytest.raises(MetalSimError, match="data race"):
+        case.run_gate_up(sim(race_check=True, SWITCH_GLU_FAULT_PREFILL_NO_STAGE_BARRIER=1))
+    hidden, _ = case.run_gate_up(sim(race_check=False, SWITCH_GLU_FAULT_PREFILL_NO_STAGE_BARRIER=1), check=False)
+    assert not case.hidden_close(hidden)
 
 
 # ----------------------------------------------------------- the tests bite

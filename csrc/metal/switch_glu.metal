@@ -34,6 +34,15 @@
 //   per-slot variant (no scores) stores each slot's row directly.
 // The plan keeps the rows of an expert <= BM (1, 2, 4, 8): one row tile.
 //
+// Prefill path (more than 8 rows per expert, or scores with > 128 tokens):
+// simdgroup_matrix 8x8 tiles, see "prefill" below. gate_up: grid
+// (ceil(H / 32), E, ceil(max rows / 32)), 128 threads, a 32 x 32 tile of
+// both g and u in one K loop, silu(g) * u epilogue, hidden in sorted order.
+// down: grid (ceil(D / 32), E, ceil(max rows / 32)); without scores the
+// rows go to out [T * k, D] by slot; with scores to a float32 scratch
+// [T * k, D] by slot, scaled by the score, then moe_combine_slots sums each
+// token's k rows (no float atomics, deterministic).
+//
 // Only Metal 3 features available on M1 and later: simdgroup functions and
 // `bfloat` (MSL 3.1).
 //
@@ -41,6 +50,7 @@
 //   SWITCH_GLU_FAULT_NO_X_BARRIER    gate_up: no barrier after staging x
 //   SWITCH_GLU_FAULT_TOKEN_SHIFT     gate_up: x staged from the next token's row
 //   SWITCH_GLU_FAULT_NO_H_BARRIER    down: no barrier before the hidden stage is overwritten
+//   SWITCH_GLU_FAULT_PREFILL_NO_STAGE_BARRIER  gate_up prefill: no barrier after staging x/gate/up
 #include <metal_stdlib>
 
 #include "switch_glu_params.h"
@@ -372,6 +382,277 @@ template <typename T, int BM>
       (threadgroup float*)nullptr, tg.x, tid, ntid, sg, nsg, lane);
 }
 
+// ------------------------------------------------------------- prefill
+// Many rows per expert (> 8): compute bound, simdgroup_matrix<float, 8, 8>
+// multiply-accumulate. PREFILL_THREADS threads = 4 simdgroups (2 x 2); a
+// threadgroup owns a BM x BN output tile of one expert (row tile tg.z of the
+// expert's sorted rows, column tile tg.x), each simdgroup a (BM/2) x (BN/2)
+// part of it. K is staged PREFILL_BK at a time in float threadgroup memory
+// (zeros past the rows / columns / K), weight tiles are read transposed by
+// simdgroup_load. Partial tiles are stored through threadgroup memory with a
+// bound check per element.
+constant constexpr uint SWITCH_PREFILL_THREADS = 128;
+constant constexpr uint SWITCH_PREFILL_BK = 16;
+
+// gate_up prefill. Grid (ceil(H / BN), E, ceil(max rows / BM)).
+// Buffers as the decode kernel; threadgroup(0) smem, float: during the K loop
+// xs [BM][BK], gs [BN][BK], us [BN][BK]; after it g [BM][BN], u [BM][BN].
+template <typename T, int BM, int BN>
+[[kernel]] void moe_gate_up_swiglu_prefill(
+    device const T* x [[buffer(0)]],
+    device const T* gate [[buffer(1)]],
+    device const T* up [[buffer(2)]],
+    device const uint* order [[buffer(3)]],
+    device const uint* offsets [[buffer(4)]],
+    device T* hidden [[buffer(5)]],
+    constant SwitchGluParams& p [[buffer(6)]],
+    threadgroup float* smem [[threadgroup(0)]],
+    uint3 tg [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]]) {
+  constexpr uint BK = SWITCH_PREFILL_BK;
+  constexpr int SM = BM / 2, SN = BN / 2;
+  constexpr int TM = SM / 8, TN = SN / 8;
+  const uint e = tg.y;
+  const uint row0 = offsets[e] + tg.z * BM;
+  const uint row_end = offsets[e + 1];
+  if (row0 >= row_end) {
+    return;  // no rows for this expert (or row tile): the whole threadgroup leaves
+  }
+  const uint nrows = min(uint(BM), row_end - row0);
+  const uint n0 = tg.x * BN;
+  device const T* gexp = gate + ulong(e) * p.H * p.D;
+  device const T* uexp = up + ulong(e) * p.H * p.D;
+  threadgroup float* xs = smem;                // [BM][BK]
+  threadgroup float* gs = smem + BM * BK;      // [BN][BK]
+  threadgroup float* us = gs + BN * BK;        // [BN][BK]
+  const uint sm = (sg / 2) * SM;
+  const uint sn = (sg % 2) * SN;
+
+  simdgroup_matrix<float, 8, 8> gacc[TM][TN];
+  simdgroup_matrix<float, 8, 8> uacc[TM][TN];
+  for (int i = 0; i < TM; ++i) {
+    for (int j = 0; j < TN; ++j) {
+      gacc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      uacc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+  }
+
+  for (uint k0 = 0; k0 < p.D; k0 += BK) {
+    for (uint i = tid; i < BM * BK; i += SWITCH_PREFILL_THREADS) {
+      const uint m = i / BK, k = k0 + i % BK;
+      float v = 0.0f;
+      if (m < nrows && k < p.D) {
+        const uint token = order[row0 + m] / p.top_k;
+        v = float(x[ulong(token) * p.D + k]);
+      }
+      xs[i] = v;
+    }
+    for (uint i = tid; i < BN * BK; i += SWITCH_PREFILL_THREADS) {
+      const uint n = n0 + i / BK, k = k0 + i % BK;
+      const bool in = n < p.H && k < p.D;
+      gs[i] = in ? float(gexp[ulong(n) * p.D + k]) : 0.0f;
+      us[i] = in ? float(uexp[ulong(n) * p.D + k]) : 0.0f;
+    }
+#ifndef SWITCH_GLU_FAULT_PREFILL_NO_STAGE_BARRIER
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+#endif
+    for (uint kk = 0; kk < BK; kk += 8) {
+      simdgroup_matrix<float, 8, 8> a[TM];
+      simdgroup_matrix<float, 8, 8> bg[TN];
+      simdgroup_matrix<float, 8, 8> bu[TN];
+      for (int i = 0; i < TM; ++i) {
+        simdgroup_load(a[i], xs + (sm + 8 * i) * BK + kk, BK);
+      }
+      for (int j = 0; j < TN; ++j) {
+        simdgroup_load(bg[j], gs + (sn + 8 * j) * BK + kk, BK, ulong2(0, 0), true);
+        simdgroup_load(bu[j], us + (sn + 8 * j) * BK + kk, BK, ulong2(0, 0), true);
+      }
+      for (int i = 0; i < TM; ++i) {
+        for (int j = 0; j < TN; ++j) {
+          simdgroup_multiply_accumulate(gacc[i][j], a[i], bg[j], gacc[i][j]);
+          simdgroup_multiply_accumulate(uacc[i][j], a[i], bu[j], uacc[i][j]);
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // before the tiles are overwritten
+  }
+
+  threadgroup float* gt = smem;            // [BM][BN]
+  threadgroup float* ut = smem + BM * BN;  // [BM][BN]
+  for (int i = 0; i < TM; ++i) {
+    for (int j = 0; j < TN; ++j) {
+      simdgroup_store(gacc[i][j], gt + (sm + 8 * i) * BN + sn + 8 * j, BN);
+      simdgroup_store(uacc[i][j], ut + (sm + 8 * i) * BN + sn + 8 * j, BN);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint i = tid; i < nrows * BN; i += SWITCH_PREFILL_THREADS) {
+    const uint m = i / BN, n = n0 + i % BN;
+    if (n < p.H) {
+      const float g = gt[i];
+      const float u = ut[i];
+      hidden[ulong(row0 + m) * p.H + n] = T(g / (1.0f + exp(-g)) * u);
+    }
+  }
+}
+
+// down prefill. Grid (ceil(D / BN), E, ceil(max rows / BM)). The hidden rows
+// of an expert are contiguous in sorted order. Without SCORES the tile's rows
+// go to out [T * k, D] at their slots (slot order). With SCORES there is no
+// way to sum a token's k slots inside one threadgroup (they belong to
+// different experts, i.e. threadgroups), and no float atomics: each sorted
+// row is written, scaled by its slot's score, to the float32 scratch
+// [T * k, D] at its SLOT (row order[i]), so a token's k rows are adjacent;
+// moe_combine_slots then sums them in j order (deterministic).
+// threadgroup(0) smem, float: hs [BM][BK] + ws [BN][BK] in the K loop, the
+// output tile [BM][BN] after it.
+template <typename T, int BM, int BN, bool SCORES>
+inline void moe_down_prefill_body(
+    device const T* hidden,
+    device const T* down,
+    device const uint* order,
+    device const uint* offsets,
+    device const float* scores,
+    device T* out,
+    device float* scratch,
+    constant SwitchGluParams& p,
+    threadgroup float* smem,
+    uint3 tg,
+    uint tid,
+    uint sg) {
+  constexpr uint BK = SWITCH_PREFILL_BK;
+  constexpr int SM = BM / 2, SN = BN / 2;
+  constexpr int TM = SM / 8, TN = SN / 8;
+  const uint e = tg.y;
+  const uint row0 = offsets[e] + tg.z * BM;
+  const uint row_end = offsets[e + 1];
+  if (row0 >= row_end) {
+    return;
+  }
+  const uint nrows = min(uint(BM), row_end - row0);
+  const uint n0 = tg.x * BN;
+  device const T* wexp = down + ulong(e) * p.D * p.H;
+  threadgroup float* hs = smem;            // [BM][BK]
+  threadgroup float* ws = smem + BM * BK;  // [BN][BK]
+  const uint sm = (sg / 2) * SM;
+  const uint sn = (sg % 2) * SN;
+
+  simdgroup_matrix<float, 8, 8> acc[TM][TN];
+  for (int i = 0; i < TM; ++i) {
+    for (int j = 0; j < TN; ++j) {
+      acc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+  }
+  for (uint k0 = 0; k0 < p.H; k0 += BK) {
+    for (uint i = tid; i < BM * BK; i += SWITCH_PREFILL_THREADS) {
+      const uint m = i / BK, k = k0 + i % BK;
+      hs[i] = (m < nrows && k < p.H) ? float(hidden[ulong(row0 + m) * p.H + k]) : 0.0f;
+    }
+    for (uint i = tid; i < BN * BK; i += SWITCH_PREFILL_THREADS) {
+      const uint n = n0 + i / BK, k = k0 + i % BK;
+      ws[i] = (n < p.D && k < p.H) ? float(wexp[ulong(n) * p.H + k]) : 0.0f;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint kk = 0; kk < BK; kk += 8) {
+      simdgroup_matrix<float, 8, 8> a[TM];
+      simdgroup_matrix<float, 8, 8> b[TN];
+      for (int i = 0; i < TM; ++i) {
+        simdgroup_load(a[i], hs + (sm + 8 * i) * BK + kk, BK);
+      }
+      for (int j = 0; j < TN; ++j) {
+        simdgroup_load(b[j], ws + (sn + 8 * j) * BK + kk, BK, ulong2(0, 0), true);
+      }
+      for (int i = 0; i < TM; ++i) {
+        for (int j = 0; j < TN; ++j) {
+          simdgroup_multiply_accumulate(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // before the tiles are overwritten
+  }
+
+  for (int i = 0; i < TM; ++i) {
+    for (int j = 0; j < TN; ++j) {
+      simdgroup_store(acc[i][j], smem + (sm + 8 * i) * BN + sn + 8 * j, BN);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint i = tid; i < nrows * BN; i += SWITCH_PREFILL_THREADS) {
+    const uint m = i / BN, n = n0 + i % BN;
+    if (n < p.D) {
+      const uint slot = order[row0 + m];
+      if (SCORES) {
+        scratch[ulong(slot) * p.D + n] = scores[slot] * smem[i];
+      } else {
+        out[ulong(slot) * p.D + n] = T(smem[i]);
+      }
+    }
+  }
+}
+
+// Buffers: 0 hidden, 1 down, 2 order, 3 offsets, 4 out [T * k, D] (slot
+// order), 5 params.
+template <typename T, int BM, int BN>
+[[kernel]] void moe_down_slots_prefill(
+    device const T* hidden [[buffer(0)]],
+    device const T* down [[buffer(1)]],
+    device const uint* order [[buffer(2)]],
+    device const uint* offsets [[buffer(3)]],
+    device T* out [[buffer(4)]],
+    constant SwitchGluParams& p [[buffer(5)]],
+    threadgroup float* smem [[threadgroup(0)]],
+    uint3 tg [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]]) {
+  moe_down_prefill_body<T, BM, BN, false>(
+      hidden, down, order, offsets, (device const float*)nullptr, out, (device float*)nullptr, p, smem,
+      tg, tid, sg);
+}
+
+// Buffers: 0 hidden, 1 down, 2 order, 3 offsets, 4 scratch (float32
+// [T * k, D], slot order, scaled by the scores), 5 params, 6 scores
+// (float32 [T * k]). Then moe_combine_slots.
+template <typename T, int BM, int BN>
+[[kernel]] void moe_down_scaled_prefill(
+    device const T* hidden [[buffer(0)]],
+    device const T* down [[buffer(1)]],
+    device const uint* order [[buffer(2)]],
+    device const uint* offsets [[buffer(3)]],
+    device float* scratch [[buffer(4)]],
+    constant SwitchGluParams& p [[buffer(5)]],
+    device const float* scores [[buffer(6)]],
+    threadgroup float* smem [[threadgroup(0)]],
+    uint3 tg [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]]) {
+  moe_down_prefill_body<T, BM, BN, true>(
+      hidden, down, order, offsets, scores, (device T*)nullptr, scratch, p, smem, tg, tid, sg);
+}
+
+// out[t, n] = sum_j scratch[t * k + j, n] (float, j order), rounded once to T.
+// Buffers: 0 scratch (float32 [T * k, D]), 1 out [T, D], 2 params.
+// Grid (ceil(T * D / 256), 1, 1), 256 threads: one output element per thread.
+template <typename T>
+[[kernel]] void moe_combine_slots(
+    device const float* scratch [[buffer(0)]],
+    device T* out [[buffer(1)]],
+    constant SwitchGluParams& p [[buffer(2)]],
+    uint3 tg [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint ntid [[threads_per_threadgroup]]) {
+  const uint i = tg.x * ntid + tid;
+  if (i >= p.tokens * p.D) {
+    return;
+  }
+  const uint t = i / p.D, n = i - t * p.D;
+  float s = 0.0f;
+  for (uint j = 0; j < p.top_k; ++j) {
+    s += scratch[(ulong(t) * p.top_k + j) * p.D + n];
+  }
+  out[i] = T(s);
+}
+
 // -------------------------------------------------------- instantiations
 // Names: moe_{gate_up_swiglu,down_combine,down_slots}_decode_{type}_bm{BM}
 // (plan_switch_glu builds the same names).
@@ -393,3 +674,18 @@ template <typename T, int BM>
 instantiate_switch_glu_type(float, float)
 instantiate_switch_glu_type(half, half)
 instantiate_switch_glu_type(bfloat, bfloat)
+
+// Prefill (plan_switch_glu builds the same names; one literal each).
+#define instantiate_switch_glu_prefill(tname, T)                                              \
+  template [[host_name("moe_gate_up_swiglu_prefill_" tname "_bm32_bn32")]] [[kernel]]        \
+  decltype(moe_gate_up_swiglu_prefill<T, 32, 32>) moe_gate_up_swiglu_prefill<T, 32, 32>;     \
+  template [[host_name("moe_down_slots_prefill_" tname "_bm32_bn32")]] [[kernel]]            \
+  decltype(moe_down_slots_prefill<T, 32, 32>) moe_down_slots_prefill<T, 32, 32>;             \
+  template [[host_name("moe_down_scaled_prefill_" tname "_bm32_bn32")]] [[kernel]]           \
+  decltype(moe_down_scaled_prefill<T, 32, 32>) moe_down_scaled_prefill<T, 32, 32>;           \
+  template [[host_name("moe_combine_slots_" tname)]] [[kernel]]                               \
+  decltype(moe_combine_slots<T>) moe_combine_slots<T>;
+
+instantiate_switch_glu_prefill("float", float)
+instantiate_switch_glu_prefill("half", half)
+instantiate_switch_glu_prefill("bfloat", bfloat)

@@ -38,6 +38,64 @@ int64_t stage_chunk(int64_t len, int64_t bm, int64_t type_size) {
   return std::min(ceil_div(std::max<int64_t>(len, 1), vec) * vec, budget);
 }
 
+// The simdgroup_matrix kernels: 32 x 32 output tiles, one threadgroup per
+// (column tile, expert, row tile); with scores a float32 scratch and the
+// combine launch.
+SwitchGluPlan plan_prefill(
+    int64_t tokens,
+    int64_t top_k,
+    int64_t max_rows,
+    int64_t D,
+    int64_t H,
+    int64_t num_experts,
+    const char* type_name,
+    bool scores) {
+  constexpr int64_t BM = kSwitchGluPrefillBM, BN = kSwitchGluPrefillBN, BK = kSwitchGluPrefillBK;
+  SwitchGluPlan plan;
+  plan.scores = scores;
+  plan.prefill = true;
+  plan.block_rows = static_cast<uint32_t>(BM);
+  plan.block_cols = static_cast<uint32_t>(BN);
+  auto& p = plan.params;
+  p.tokens = to_u32(tokens, "tokens");
+  p.top_k = to_u32(top_k, "top_k");
+  p.D = to_u32(D, "D");
+  p.H = to_u32(H, "H");
+  p.num_experts = to_u32(num_experts, "num_experts");
+  p.d_chunk = static_cast<uint32_t>(BK);  // informational: the kernels stage BK per pass
+  p.h_chunk = static_cast<uint32_t>(BK);
+
+  const std::string suffix = std::string("_") + type_name + "_bm" + std::to_string(BM) + "_bn" + std::to_string(BN);
+  plan.gate_up.kernel = "moe_gate_up_swiglu_prefill" + suffix;
+  plan.gate_up.threads = {kSwitchGluPrefillThreads, 1, 1};
+  // float: xs [BM][BK] + gs, us [BN][BK] in the K loop; g, u [BM][BN] after it.
+  plan.gate_up.threadgroup_memory = {
+      static_cast<uint32_t>(round16(std::max(BM * BK + 2 * BN * BK, 2 * BM * BN) * 4))};
+  plan.down.kernel = (scores ? "moe_down_scaled_prefill" : "moe_down_slots_prefill") + suffix;
+  plan.down.threads = {kSwitchGluPrefillThreads, 1, 1};
+  plan.down.threadgroup_memory = {static_cast<uint32_t>(round16(std::max(BM * BK + BN * BK, BM * BN) * 4))};
+  if (scores) {
+    plan.combine.kernel = std::string("moe_combine_slots_") + type_name;
+    plan.combine.threads = {kSwitchGluCombineThreads, 1, 1};
+    plan.scratch_bytes = tokens * top_k * D * 4;
+    to_u32(tokens * D, "tokens * D");
+  }
+  if (tokens > 0 && max_rows > 0) {
+    const auto row_tiles = static_cast<uint32_t>(ceil_div(max_rows, BM));
+    const auto experts = static_cast<uint32_t>(num_experts);
+    if (H > 0) {
+      plan.gate_up.grid = {static_cast<uint32_t>(ceil_div(H, BN)), experts, row_tiles};
+    }
+    if (D > 0) {
+      plan.down.grid = {static_cast<uint32_t>(ceil_div(D, BN)), experts, row_tiles};
+      if (scores) {
+        plan.combine.grid = {static_cast<uint32_t>(ceil_div(tokens * D, kSwitchGluCombineThreads)), 1, 1};
+      }
+    }
+  }
+  return plan;
+}
+
 }  // namespace
 
 SwitchGluPlan plan_switch_glu(
@@ -57,11 +115,10 @@ SwitchGluPlan plan_switch_glu(
     throw std::invalid_argument("[switch_glu] max_rows_per_expert must be >= 1 when there are tokens");
   }
   const int64_t max_rows = std::min(max_rows_per_expert, tokens * top_k);
-  if (max_rows > kSwitchGluDecodeMaxRowsPerExpert) {
-    throw std::invalid_argument("[switch_glu] the Metal decode kernels take at most 8 rows per expert");
-  }
-  if (scores && tokens > kSwitchGluDecodeMaxTokens) {
-    throw std::invalid_argument("[switch_glu] the Metal decode kernels with scores take at most 128 tokens");
+  to_u32(tokens * top_k * std::max(D, H), "tokens * top_k * max(D, H)");
+  to_u32(num_experts * H * D, "num_experts * H * D");
+  if (max_rows > kSwitchGluDecodeMaxRowsPerExpert || (scores && tokens > kSwitchGluDecodeMaxTokens)) {
+    return plan_prefill(tokens, top_k, max_rows, D, H, num_experts, type_name, scores);
   }
 
   SwitchGluPlan plan;
@@ -81,8 +138,6 @@ SwitchGluPlan plan_switch_glu(
   p.num_experts = to_u32(num_experts, "num_experts");
   p.d_chunk = static_cast<uint32_t>(d_chunk);
   p.h_chunk = static_cast<uint32_t>(h_chunk);
-  to_u32(tokens * top_k * std::max(D, H), "tokens * top_k * max(D, H)");
-  to_u32(num_experts * H * D, "num_experts * H * D");
 
   const std::string suffix = std::string("_") + type_name + "_bm" + std::to_string(bm);
   plan.gate_up.kernel = "moe_gate_up_swiglu_decode" + suffix;

@@ -28,6 +28,15 @@ inline constexpr uint32_t kSwitchGluThreads = 256;      // 8 simdgroups
 inline constexpr uint32_t kSwitchGluColsPerSimdgroup = 4;  // SWITCH_COLS in the .metal file
 // Staged x / hidden rows: <= 8 KiB (several threadgroups per core).
 inline constexpr int64_t kSwitchGluStageBytes = 8192;
+// Prefill kernels (above kSwitchGluDecodeMaxRowsPerExpert rows per expert,
+// or with scores above kSwitchGluDecodeMaxTokens tokens): 32 x 32 output
+// tiles of simdgroup_matrix 8x8, 4 simdgroups, K staged 16 at a time
+// (SWITCH_PREFILL_* in the .metal file).
+inline constexpr int64_t kSwitchGluPrefillBM = 32;
+inline constexpr int64_t kSwitchGluPrefillBN = 32;
+inline constexpr int64_t kSwitchGluPrefillBK = 16;
+inline constexpr uint32_t kSwitchGluPrefillThreads = 128;
+inline constexpr uint32_t kSwitchGluCombineThreads = 256;
 
 struct SwitchGluLaunch {
   std::string kernel;                  // host name
@@ -40,17 +49,23 @@ struct SwitchGluPlan {
   uint32_t block_rows = 0;   // BM
   uint32_t block_cols = 0;   // columns per threadgroup (both launches)
   bool scores = false;       // down: combine with scores (out [T, D]) or per slot (out [T * k, D])
+  bool prefill = false;      // the simdgroup_matrix kernels (else decode)
   SwitchGluLaunch gate_up;   // buffers: x, gate, up, order, offsets, hidden, params
   SwitchGluLaunch down;      // buffers: hidden, down, order, offsets, out, params[, scores]
+                             // (prefill with scores: out is the float32 scratch [T * k, D])
+  SwitchGluLaunch combine;   // prefill with scores only (else empty kernel name, grid 0):
+                             // buffers: scratch, out [T, D], params
+  int64_t scratch_bytes = 0; // float32 [T * k, D] scratch (prefill with scores), else 0
   SwitchGluParams params{};  // [[buffer(6)]] of gate_up, [[buffer(5)]] of down, sent as is
 };
 
 // x [tokens, D], gate/up [E, H, D], down [E, D, H], hidden [tokens * top_k, H]
 // (sorted order), out [tokens, D] with scores else [tokens * top_k, D];
 // max_rows_per_expert: an upper bound on any expert's slot count (at most
-// kSwitchGluDecodeMaxRowsPerExpert). Throws std::invalid_argument for bad
-// shapes, shapes beyond the decode path, or an unsupported dtype (float32,
-// float16, bfloat16).
+// kSwitchGluDecodeMaxRowsPerExpert for the decode kernels; above it, or with
+// scores and more than kSwitchGluDecodeMaxTokens tokens, the prefill
+// kernels). Throws std::invalid_argument for bad shapes or an unsupported
+// dtype (float32, float16, bfloat16).
 SwitchGluPlan plan_switch_glu(
     int64_t tokens,
     int64_t top_k,

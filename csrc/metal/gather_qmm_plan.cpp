@@ -1,0 +1,102 @@
+#include "metal/gather_qmm_plan.h"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+
+namespace mlx_moe::metal {
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+uint32_t to_u32(int64_t v, const char* what) {
+  if (v < 0 || v > std::numeric_limits<uint32_t>::max()) {
+    throw std::invalid_argument(std::string("[gather_qmm] ") + what + " out of range for the Metal kernels");
+  }
+  return static_cast<uint32_t>(v);
+}
+
+std::pair<const char*, int64_t> type_of(mlx::core::Dtype dtype) {
+  if (dtype == mlx::core::float32) return {"float", 4};
+  if (dtype == mlx::core::float16) return {"half", 2};
+  if (dtype == mlx::core::bfloat16) return {"bfloat", 2};
+  throw std::invalid_argument("[gather_qmm] the Metal kernels take float32, float16 or bfloat16");
+}
+
+}  // namespace
+
+GatherQMMLaunch plan_gather_qmm(
+    int64_t rows,
+    int64_t max_rows_per_expert,
+    int64_t N,
+    int64_t K,
+    int64_t num_experts,
+    int group_size,
+    int bits,
+    const std::string& mode,
+    mlx::core::Dtype dtype) {
+  auto [type_name, type_size] = type_of(dtype);
+  std::string variant;
+  if (mode == "affine") {
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) {
+      throw std::invalid_argument("[gather_qmm] affine bits must be 2, 3, 4, 5, 6 or 8");
+    }
+    if (group_size != 32 && group_size != 64 && group_size != 128) {
+      throw std::invalid_argument("[gather_qmm] affine group_size must be 32, 64 or 128");
+    }
+    variant = "b" + std::to_string(bits);
+  } else if (mode == "mxfp4") {
+    if (bits != 4 || group_size != 32) {
+      throw std::invalid_argument("[gather_qmm] mxfp4 takes bits 4 and group_size 32");
+    }
+    variant = "mxfp4";
+  } else {
+    throw std::invalid_argument("[gather_qmm] mode must be 'affine' or 'mxfp4'");
+  }
+  if (rows < 0 || N < 0 || K < 0 || num_experts < 1 || max_rows_per_expert < 0) {
+    throw std::invalid_argument("[gather_qmm] negative sizes or no experts");
+  }
+  if (K % group_size != 0) {
+    throw std::invalid_argument("[gather_qmm] K must be a multiple of group_size");
+  }
+  if (rows > 0 && max_rows_per_expert < 1) {
+    throw std::invalid_argument("[gather_qmm] max_rows_per_expert must be >= 1 when there are rows");
+  }
+  const int64_t max_rows = std::min(max_rows_per_expert, rows);
+  if (max_rows > kQmmDecodeMaxRowsPerExpert) {
+    throw std::invalid_argument("[gather_qmm] the Metal decode kernel takes at most 8 rows per expert");
+  }
+
+  int64_t bm = 1;
+  while (bm < max_rows) bm *= 2;
+  // As much of K as fits the stage, in whole 32-element blocks.
+  const int64_t budget = std::max<int64_t>(kQmmBlock, kQmmStageBytes / (bm * type_size) / kQmmBlock * kQmmBlock);
+  const int64_t k_chunk = std::min(std::max<int64_t>(K, kQmmBlock), budget);
+
+  GatherQMMLaunch plan;
+  plan.params.rows = to_u32(rows, "rows");
+  plan.params.N = to_u32(N, "N");
+  plan.params.K = to_u32(K, "K");
+  plan.params.num_experts = to_u32(num_experts, "num_experts");
+  plan.params.k_chunk = static_cast<uint32_t>(k_chunk);
+  plan.params.group_size = static_cast<uint32_t>(group_size);
+  plan.params.bits = static_cast<uint32_t>(bits);
+  plan.params.groups = to_u32(K / group_size, "K / group_size");
+  plan.block_rows = static_cast<uint32_t>(bm);
+  plan.block_cols = kQmmDecodeThreads / 32 * kQmmColsPerSimdgroup;
+  plan.threads = {kQmmDecodeThreads, 1, 1};
+  plan.threadgroup_memory = static_cast<uint32_t>(ceil_div(bm * k_chunk * type_size, 16) * 16);
+  plan.kernel = std::string("gather_qmm_decode_") + type_name + "_" + variant + "_bm" + std::to_string(bm);
+  if (rows > 0 && max_rows > 0 && N > 0) {
+    plan.grid = {
+        static_cast<uint32_t>(ceil_div(N, plan.block_cols)),
+        static_cast<uint32_t>(num_experts),
+        1};
+  }
+  return plan;
+}
+
+}  // namespace mlx_moe::metal

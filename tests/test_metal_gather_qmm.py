@@ -1,0 +1,254 @@
+"""The quantized gather_mm decode kernel (csrc/metal/gather_qmm.metal) runs in
+the Metal-on-CPU simulator (tests/metal_sim/) with exactly the launch the
+Metal dispatch would use (``_ext._plan_gather_qmm``), against a float64
+oracle over ``mx.dequantize(..., dtype=mx.float32)``; plus fault builds that
+these tests must catch.
+
+Layout (mlx-lm's QuantizedSwitchLinear): x [rows, K] grouped by expert,
+offsets [E + 1] uint32, w packed by mx.quantize [E, N, K * bits / 32] uint32,
+scales/biases [E, N, K / group_size] in the activation dtype (mxfp4: uint8
+E8M0 scales, no biases), out [rows, N].
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from metal_sim import MetalSimError, build  # noqa: E402
+
+mx = pytest.importorskip("mlx.core")
+from mlx_moe_kernels import _ext  # noqa: E402
+
+METAL_SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "metal" / "gather_qmm.metal"
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("g++") is None,
+    reason="the Metal simulator needs Linux and g++",
+)
+
+DTYPES = ["float32", "float16", "bfloat16"]
+MX_DTYPE = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7}
+
+
+@pytest.fixture(scope="session")
+def sim(tmp_path_factory):
+    """sim(race_check=True, only=None, FAULT=1) -> built Library (cached).
+    only: build just one variant's instantiations (GATHER_QMM_ONLY_VARIANT:
+    the affine width, 1 for mxfp4), which keeps the extra builds quick."""
+    build_dir = tmp_path_factory.mktemp("metal_gather_qmm")
+    cache = {}
+
+    def get(race_check: bool = True, only: int | None = None, **defines):
+        if only is not None:
+            defines["GATHER_QMM_ONLY_VARIANT"] = only
+        key = (race_check, tuple(sorted(defines.items())))
+        if key not in cache:
+            cache[key] = build([METAL_SOURCE], build_dir=build_dir, defines=defines, race_check=race_check)
+        return cache[key]
+
+    return get
+
+
+def device_buffer(a) -> np.ndarray:
+    """An mx array -> the bytes the kernel reads (bfloat16 as its bits)."""
+    if a.dtype == mx.bfloat16:
+        return np.ascontiguousarray(np.array(a.view(mx.uint16)))
+    return np.ascontiguousarray(np.array(a))
+
+
+def from_device(buf: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (buf.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return buf.astype(np.float64)
+
+
+def nan_buffer(shape, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return np.full(shape, 0xFFFF, np.uint16)
+    return np.full(shape, np.nan, np.float32 if dtype == "float32" else np.float16)
+
+
+class Case:
+    """One quantized gather_mm problem: inputs, float64 oracle, plan."""
+
+    def __init__(self, counts, N, K, dtype, bits=4, group_size=64, mode="affine", seed=0):
+        self.counts, self.N, self.K, self.dtype = list(counts), N, K, dtype
+        self.E, self.rows = len(counts), int(sum(counts))
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
+        key = mx.random.key(seed)
+        kx, kw = mx.random.split(key)
+        x = mx.random.normal((self.rows, K), key=kx).astype(MX_DTYPE[dtype])
+        w = mx.random.normal((self.E, N, K), key=kw)
+        qa = dict(group_size=group_size, bits=bits, mode=mode)
+        if mode == "affine":
+            wq, scales, biases = mx.quantize(w, **qa)
+            scales, biases = scales.astype(MX_DTYPE[dtype]), biases.astype(MX_DTYPE[dtype])
+            # The codes, exactly: mx.dequantize with scale 1, bias 0 in float32.
+            # (mx.dequantize with 16-bit scales rounds s * q + b to the scales'
+            # dtype even with dtype=float32, so the weights s * q + b are formed
+            # here in float64 from the codes and the 16-bit scales/biases.)
+            one, zero = mx.ones(scales.shape, mx.float32), mx.zeros(biases.shape, mx.float32)
+            codes = np.array(mx.dequantize(wq, one, zero, dtype=mx.float32, **qa), np.float64)
+            rep = lambda a: np.repeat(np.array(a.astype(mx.float32), np.float64), group_size, axis=-1)  # noqa: E731
+            wdq = rep(scales) * codes + rep(biases)
+            # |s| q + |b| per element: the magnitude the kernel's float sums see
+            wabs = np.abs(rep(scales)) * codes + np.abs(rep(biases))
+            self.biases = device_buffer(biases)
+        else:
+            wq, scales = mx.quantize(w, **qa)
+            wdq = np.array(mx.dequantize(wq, scales, None, dtype=mx.float32, **qa), np.float64)
+            wabs = np.abs(wdq)
+            self.biases = np.zeros(16, np.uint8)  # unused, but bound
+        self.x, self.w, self.scales = device_buffer(x), np.ascontiguousarray(np.array(wq)), device_buffer(scales)
+        xv = np.array(x.astype(mx.float32), np.float64)
+        wv = wdq
+        self.exact = np.zeros((self.rows, N))
+        self.mag = np.zeros((self.rows, N))
+        for e in range(self.E):
+            r0, r1 = self.offsets[e], self.offsets[e + 1]
+            self.exact[r0:r1] = xv[r0:r1] @ wv[e].T
+            self.mag[r0:r1] = np.abs(xv[r0:r1]) @ wabs[e].T
+        self.plan = _ext._plan_gather_qmm(self.rows, max(counts), N, K, self.E, group_size, bits, mode, MX_DTYPE[dtype])
+
+    def run(self, lib, **launch):
+        out = nan_buffer((self.rows, self.N), self.dtype)
+        p = self.plan
+        res = lib.launch(
+            p["kernel"],
+            [self.x, self.w, self.scales, self.biases, self.offsets, out, p["params"]],
+            threadgroups=p["grid"],
+            threads_per_threadgroup=p["threads"],
+            threadgroup_memory=[p["threadgroup_memory"]],
+            **launch,
+        )
+        return from_device(out, self.dtype), res
+
+    def bound(self) -> np.ndarray:
+        """float32 dequantization and accumulation (generously: 4 K eps times
+        sum |x| (|s| q + |b|)), then one rounding to the output dtype."""
+        g = 4 * self.K * 2.0**-24 * self.mag + 2.0**-40
+        ulp = 2.0 ** -MANTISSA_BITS[self.dtype]
+        return ulp * (np.abs(self.exact) + g) + g + (2.0**-24 if self.dtype == "float16" else 0.0)
+
+    def close(self, got) -> bool:
+        return bool(np.all(np.abs(got - self.exact) <= self.bound()))
+
+    def assert_close(self, got):
+        err = np.abs(got - self.exact)
+        bad = ~(err <= self.bound())  # NaN counts as bad
+        assert not bad.any(), (
+            f"{bad.sum()} of {bad.size} wrong, first at {np.argwhere(bad)[0]}: "
+            f"got {got[bad][0]}, exact {self.exact[bad][0]}, bound {self.bound()[bad][0]}"
+        )
+
+
+# Shape classes: (rows per expert, N, K, row tile).
+SHAPES = {
+    "one_row": ([0, 1, 0], 32, 256, "_bm1"),
+    "few_rows": ([3, 0, 2, 1], 40, 384, "_bm4"),  # N not a multiple of the 32-column tile
+    # ragged up to 8 rows, empty experts, K staged in several chunks for float x
+    # (16 KiB / (8 rows * 4 bytes) = 512 elements) and a K tail shorter than a simdgroup's step
+    "ragged_empty": ([8, 0, 5, 0, 1], 36, 1152, "_bm8"),
+}
+# (dtype, bits, group_size) x shape: every dtype, width and group size with
+# every shape would be 54 launches; each dtype meets each shape and each
+# (bits, group_size) pair, rotating.
+QUANT = [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64), (8, 128)]
+CASES = [
+    (shape, dtype, bits, gs)
+    for i, dtype in enumerate(DTYPES)
+    for j, (bits, gs) in enumerate(QUANT)
+    for shape in [list(SHAPES)[(i + j) % len(SHAPES)]]
+]
+RACE_CHECKED = {("ragged_empty", "bfloat16", 4, 32), ("few_rows", "float32", 8, 64)}
+assert RACE_CHECKED <= set(CASES)
+
+
+@pytest.mark.parametrize("shape,dtype,bits,gs", CASES)
+def test_gather_qmm_decode(sim, shape, dtype, bits, gs):
+    counts, N, K, tile = SHAPES[shape]
+    case = Case(counts, N, K, dtype, bits, gs, seed=zlib.crc32(f"{shape}-{dtype}-{bits}-{gs}".encode()))
+    assert case.plan["kernel"] == f"gather_qmm_decode_{ {'float32': 'float', 'float16': 'half', 'bfloat16': 'bfloat'}[dtype]}_b{bits}{tile}"
+    got, res = case.run(sim(race_check=False))
+    assert res.diagnostics == []
+    case.assert_close(got)
+    if (shape, dtype, bits, gs) in RACE_CHECKED:
+        for schedule in ({"schedule": "reverse"}, {"schedule": "random", "seed": 3, "preempt": 0.2}):
+            got, res = case.run(sim(race_check=True, only=bits), **schedule)
+            assert res.diagnostics == [], res.diagnostics
+            case.assert_close(got)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 6])
+def test_other_widths(sim, bits):
+    dtype = DTYPES[bits % 3]
+    case = Case(*SHAPES["few_rows"][:3], dtype, bits, 64, seed=bits)
+    got, res = case.run(sim(race_check=False))
+    assert res.diagnostics == []
+    case.assert_close(got)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mxfp4(sim, dtype):
+    case = Case(*SHAPES["ragged_empty"][:3], dtype, 4, 32, mode="mxfp4", seed=7)
+    assert case.plan["kernel"].endswith("_mxfp4_bm8")
+    got, res = case.run(sim(race_check=False))
+    assert res.diagnostics == []
+    case.assert_close(got)
+
+
+def test_no_rows_launches_nothing():
+    assert _ext._plan_gather_qmm(0, 0, 40, 64, 4, 64, 4, "affine", mx.float16)["grid"] == (0, 0, 0)
+
+
+def test_plan_covers_the_library(sim):
+    names = set(sim(race_check=False).kernels)
+    for dtype in MX_DTYPE.values():
+        for max_rows in (1, 2, 3, 5, 8):
+            for K in (128, 2048, 8192):
+                for mode, bits, gs in [("affine", b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + [
+                    ("mxfp4", 4, 32)
+                ]:
+                    plan = _ext._plan_gather_qmm(max_rows * 4, max_rows, 768, K, 128, gs, bits, mode, dtype)
+                    assert plan["kernel"] in names
+                    assert plan["threadgroup_memory"] % 16 == 0 and 0 < plan["threadgroup_memory"] <= 32768
+                    assert plan["k_chunk"] % 32 == 0
+    for bad in [
+        (4, 1, 8, 64, 2, 64, 4, "affine", mx.int32),  # dtype
+        (4, 1, 8, 64, 2, 64, 7, "affine", mx.float16),  # bits
+        (4, 1, 8, 64, 2, 16, 4, "affine", mx.float16),  # group size
+        (4, 1, 8, 96, 2, 64, 4, "affine", mx.float16),  # K % group_size
+        (4, 1, 8, 64, 2, 64, 4, "mxfp4", mx.float16),  # mxfp4 group size
+        (40, 9, 8, 64, 2, 64, 4, "affine", mx.float16),  # more rows than decode takes
+    ]:
+        with pytest.raises(ValueError, match="gather_qmm"):
+            _ext._plan_gather_qmm(*bad)
+
+
+# ----------------------------------------------------------- the tests bite
+def test_missing_x_barrier_is_caught(sim):
+    case = Case(*SHAPES["few_rows"][:3], "float32", 4, 64, seed=11)
+    with pytest.raises(MetalSimError, match="data race"):
+        case.run(sim(race_check=True, only=4, GATHER_QMM_FAULT_NO_X_BARRIER=1))
+    got, _ = case.run(sim(race_check=False, only=4, GATHER_QMM_FAULT_NO_X_BARRIER=1))
+    assert not case.close(got)
+
+
+def test_wrong_group_index_is_caught(sim):
+    case = Case(*SHAPES["few_rows"][:3], "float16", 4, 32, seed=12)
+    got, res = case.run(sim(race_check=False, only=4, GATHER_QMM_FAULT_GROUP_INDEX=1))
+    assert not case.close(got)
+
+
+def test_missing_bias_term_is_caught(sim):
+    case = Case(*SHAPES["one_row"][:3], "bfloat16", 4, 128, seed=13)
+    got, res = case.run(sim(race_check=False, only=4, GATHER_QMM_FAULT_NO_BIAS_SUM=1))
+    assert not case.close(got)
