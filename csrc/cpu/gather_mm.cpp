@@ -13,6 +13,7 @@
 
 #include "cpu/element_type.h"
 #include "cpu/gather_mm_problem.h"
+#include "cpu/gather_tasks.h"
 #include "cpu/indices.h"
 #include "cpu/kernels.h"
 #include "cpu/routing.h"
@@ -25,40 +26,9 @@ namespace {
 
 using cpu::ElementType;
 
-// Aim for several tasks per thread so that ragged groups balance; never
-// split a group's columns finer than this (keeps weight rows streaming in
-// long runs and register tiles full). A multiple of the column tiles (1, 2,
-// 3, 4, 8, 16) so that only a matrix's last block has a ragged edge.
-constexpr int64_t kTasksPerThread = 8;
+// Column blocks: a multiple of every dot/outer tile width (1, 2, 3, 4, 8,
+// 16), never narrower (cpu/gather_tasks.h).
 constexpr int64_t kMinColumnsPerTask = 48;
-
-std::vector<cpu::GatherMMTask> make_tasks(
-    const cpu::GatherMMProblem& problem,
-    int num_threads) {
-  const int64_t target = kTasksPerThread * num_threads;
-  const int64_t max_blocks =
-      std::max<int64_t>(1, (problem.N + kMinColumnsPerTask - 1) / kMinColumnsPerTask);
-  const int64_t blocks = std::clamp<int64_t>(
-      (target + problem.num_groups - 1) / problem.num_groups, 1, max_blocks);
-  int64_t width = (problem.N + blocks - 1) / blocks;
-  width = (width + kMinColumnsPerTask - 1) / kMinColumnsPerTask * kMinColumnsPerTask;
-
-  // Largest groups first: the dynamic schedule then ends with small tasks.
-  std::vector<int64_t> order(problem.num_groups);
-  for (int64_t g = 0; g < problem.num_groups; ++g) {
-    order[g] = g;
-  }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    return problem.group_rows(x) > problem.group_rows(y);
-  });
-  std::vector<cpu::GatherMMTask> tasks;
-  for (int64_t g : order) {
-    for (int64_t n = 0; n < problem.N; n += width) {
-      tasks.push_back({g, n, std::min(problem.N, n + width)});
-    }
-  }
-  return tasks;
-}
 
 // Everything the CPU task needs from the arrays, captured by value.
 struct GatherMMArguments {
@@ -130,7 +100,8 @@ void run_gather_mm(const GatherMMArguments& args) {
   problem.num_groups = groups.num_groups();
 
   cpu::ThreadPool& pool = cpu::ThreadPool::instance();
-  std::vector<cpu::GatherMMTask> tasks = make_tasks(problem, pool.num_threads());
+  std::vector<cpu::GatherMMTask> tasks =
+      cpu::column_block_tasks(problem, kMinColumnsPerTask, pool.num_threads());
   const auto kernel = cpu::cpu_kernels().gather_mm_task;
   pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
     kernel(problem, tasks[i]);

@@ -9,6 +9,7 @@
 
 #include "cpu/element_type.h"
 #include "cpu/gather_qmm_problem.h"
+#include "cpu/gather_tasks.h"
 #include "cpu/indices.h"
 #include "cpu/quantized_arrays.h"
 #include "cpu/kernels.h"
@@ -20,35 +21,9 @@ namespace mlx_moe {
 
 namespace {
 
-constexpr int64_t kTasksPerThread = 8;
 // Columns per task are a multiple of this (of every dot tile width, and of
 // the group size when the columns are the quantized axis).
 constexpr int64_t kColumnQuantum = 48;
-
-std::vector<cpu::GatherMMTask> make_tasks(const cpu::GatherQMMProblem& p, int num_threads) {
-  const int64_t quantum = p.transpose ? kColumnQuantum : p.w.group_size;
-  const int64_t target = kTasksPerThread * num_threads;
-  const int64_t max_blocks = std::max<int64_t>(1, (p.N + quantum - 1) / quantum);
-  const int64_t blocks =
-      std::clamp<int64_t>((target + p.num_groups - 1) / p.num_groups, 1, max_blocks);
-  int64_t width = (p.N + blocks - 1) / blocks;
-  width = (width + quantum - 1) / quantum * quantum;
-  std::vector<int64_t> order(p.num_groups);
-  for (int64_t g = 0; g < p.num_groups; ++g) {
-    order[g] = g;
-  }
-  // Largest groups first, so that the dynamic schedule ends with small tasks.
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return p.group_rows(a) > p.group_rows(b);
-  });
-  std::vector<cpu::GatherMMTask> tasks;
-  for (int64_t g : order) {
-    for (int64_t n = 0; n < p.N; n += width) {
-      tasks.push_back({g, n, std::min(p.N, n + width)});
-    }
-  }
-  return tasks;
-}
 
 // What the CPU task needs from the arrays, captured by value.
 struct GatherQMMArguments {
@@ -111,7 +86,8 @@ void run_gather_qmm(const GatherQMMArguments& args) {
   problem.num_groups = groups.num_groups();
 
   cpu::ThreadPool& pool = cpu::ThreadPool::instance();
-  std::vector<cpu::GatherMMTask> tasks = make_tasks(problem, pool.num_threads());
+  std::vector<cpu::GatherMMTask> tasks = cpu::column_block_tasks(
+      problem, problem.transpose ? kColumnQuantum : problem.w.group_size, pool.num_threads());
   const auto kernel = cpu::cpu_kernels().gather_qmm_task;
   pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
     kernel(problem, tasks[i]);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/dot_kernels.h"
+#include "cpu/gather_mm_kernels.h"
 #include "cpu/gather_qmm_problem.h"
 #include "cpu/quantized.h"
 #include "cpu/quantized_dot.h"
@@ -66,13 +67,12 @@ bool direct_quantized_dot(
   return false;
 }
 
+// The weight side of a task; the activation rows, output rows and float32
+// accumulators live in gather_mm's TaskScratch (scratch()).
 template <typename T>
 struct QuantizedTaskScratch {
   std::vector<T> weights;      // the dequantized block, [columns, K]
   std::vector<T> row;          // one dequantized row of a [K, N] matrix
-  std::vector<float> accumulators;
-  std::vector<const void*> x_rows;
-  std::vector<void*> out_rows;
   std::vector<const T*> w_rows;
   std::vector<QuantizedRowRef> refs;
 };
@@ -113,6 +113,7 @@ void dequantize_columns(const QuantizedMatrices& w, bool transpose, int64_t matr
 
 template <typename T>
 void gather_qmm_task_typed(const GatherQMMProblem& p, const GatherMMTask& task) {
+  TaskScratch& rows = scratch();
   QuantizedTaskScratch<T>& s = quantized_scratch<T>();
   const int64_t M = p.rows_per_pair;
   const int64_t begin = p.group_begin[task.group];
@@ -122,20 +123,20 @@ void gather_qmm_task_typed(const GatherQMMProblem& p, const GatherMMTask& task) 
   if (num_rows == 0 || columns == 0) {
     return;
   }
-  s.x_rows.resize(num_rows);
-  s.out_rows.resize(num_rows);
+  rows.a_rows.resize(num_rows);
+  rows.out_rows.resize(num_rows);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t pair = p.pair_order[i];
     for (int64_t m = 0; m < M; ++m) {
       const int64_t r = (i - begin) * M + m;
-      s.x_rows[r] = static_cast<const T*>(p.x) + p.x_offsets[pair] + m * p.x_row_stride;
-      s.out_rows[r] = static_cast<T*>(p.out) + (pair * M + m) * p.N + task.n_begin;
+      rows.a_rows[r] = static_cast<const T*>(p.x) + p.x_offsets[pair] + m * p.x_row_stride;
+      rows.out_rows[r] = static_cast<T*>(p.out) + (pair * M + m) * p.N + task.n_begin;
     }
   }
-  s.accumulators.assign(num_rows * columns, 0.0f);
+  rows.accumulators.assign(num_rows * columns, 0.0f);
   if (p.K > 0) {
     const int64_t matrix = p.matrix_of_pair[p.pair_order[begin]];
-    const T* const* x_rows = reinterpret_cast<const T* const*>(s.x_rows.data());
+    const T* const* x_rows = reinterpret_cast<const T* const*>(rows.a_rows.data());
     bool done = false;
     if (p.transpose) {
       s.refs.resize(columns);
@@ -144,22 +145,16 @@ void gather_qmm_task_typed(const GatherQMMProblem& p, const GatherMMTask& task) 
       }
       done = direct_quantized_dot<T>(
           p.w, s.refs.data(), columns, x_rows, p.x_col_stride, num_rows, p.K,
-          s.accumulators.data(), columns);
+          rows.accumulators.data(), columns);
     }
     if (!done) {
       dequantize_columns<T>(p.w, p.transpose, matrix, task.n_begin, columns, p.K, s);
       dot_rows<T>(
           s.w_rows.data(), columns, x_rows, p.x_col_stride, num_rows, p.K,
-          s.accumulators.data(), columns);
+          rows.accumulators.data(), columns);
     }
   }
-  for (int64_t r = 0; r < num_rows; ++r) {
-    T* o = static_cast<T*>(s.out_rows[r]);
-    const float* a = s.accumulators.data() + r * columns;
-    for (int64_t c = 0; c < columns; ++c) {
-      o[c] = from_float<T>(a[c]);
-    }
-  }
+  store_rows<T>(rows, num_rows, columns);
 }
 
 inline void gather_qmm_task(const GatherQMMProblem& p, const GatherMMTask& task) {
