@@ -197,8 +197,8 @@ NB_MODULE(_ext, m) {
 
   m.def(
       "_plan_route",
-      [](int64_t slots, int64_t num_experts) {
-        auto plan = mlx_moe::metal::plan_route(slots, num_experts);
+      [](int64_t slots, int64_t num_experts, int64_t max_threads) {
+        auto plan = mlx_moe::metal::plan_route(slots, num_experts, max_threads);
         nb::dict d;
         d["kernel"] = plan.kernel;
         d["grid"] = nb::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
@@ -209,5 +209,6 @@ NB_MODULE(_ext, m) {
       },
       "slots"_a,
       "num_experts"_a,
+      "max_threads"_a = 1024,
       "Private: the Metal launch plan of the routing kernel (kernel, grid, threads, params bytes).");
 }

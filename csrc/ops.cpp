@@ -4,8 +4,11 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "metal/route_plan.h"
+#include "metal/switch_glu_plan.h"
 #include "primitives.h"
 #include <functional>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -16,6 +19,61 @@ bool has_kernels_for(const mx::Stream& stream) {
 }
 
 namespace {
+
+// Whether this build runs the fused float SwitchGLU on `stream` with our
+// Metal kernels: Metal builds only, and only shapes the launch plans accept,
+// checked here at graph-build time so evaluation cannot fail on them (E over
+// the routing kernel's 512, sizes past 32-bit offsets, other dtypes: MLX's
+// own ops instead).
+bool metal_switch_glu(
+    const mx::Stream& stream,
+    int64_t tokens,
+    int64_t top_k,
+    int64_t model_dims,
+    int64_t hidden_dims,
+    int64_t num_experts,
+    mx::Dtype dtype,
+    bool scores) {
+#ifdef MLX_MOE_METAL
+  if (stream.device != mx::Device::gpu) {
+    return false;
+  }
+  try {
+    metal::plan_route(tokens * top_k, num_experts);
+    metal::plan_switch_glu(
+        tokens, top_k, metal::switch_glu_row_bound(tokens, top_k), model_dims, hidden_dims,
+        num_experts, dtype, scores);
+    return true;
+  } catch (const std::invalid_argument&) {
+    return false;
+  }
+#else
+  (void)stream, (void)tokens, (void)top_k, (void)model_dims, (void)hidden_dims, (void)num_experts,
+      (void)dtype, (void)scores;
+  return false;
+#endif
+}
+
+// The MoeRoute outputs (order, offsets, sorted_experts, status) of ids [T, k].
+std::vector<mx::array> make_routing(const mx::array& ids, int num_experts, const char* op, const mx::Stream& stream) {
+  const int slots = static_cast<int>(ids.size());
+  return mx::array::make_arrays(
+      {{slots}, {num_experts + 1}, {slots}, {1}},
+      {mx::uint32, mx::uint32, mx::uint32, mx::uint32},
+      std::make_shared<MoeRoute>(stream, num_experts, op),
+      {ids});
+}
+
+// On a GPU an out-of-range expert id cannot raise (the graph is evaluated
+// asynchronously); the routing is then empty and its status 1: make the
+// outputs NaN rather than plausible numbers. The CPU raises instead.
+mx::array poison_on_bad_routing(const mx::array& out, const mx::array& status, const mx::Stream& stream) {
+  if (stream.device == mx::Device::cpu) {
+    return out;
+  }
+  auto ok = mx::equal(status, mx::array(0u, mx::uint32), stream);
+  return mx::where(ok, out, mx::array(std::numeric_limits<float>::quiet_NaN(), out.dtype()), stream);
+}
 
 template <typename T>
 void check_index_values(const mx::array& indices, int64_t bound, const char* op, const char* name) {
@@ -444,13 +502,15 @@ std::pair<mx::array, mx::array> route(mx::array indices, int num_experts, mx::St
   if (num_experts <= 0) {
     throw std::invalid_argument("[route] num_experts must be positive.");
   }
+  // Always on the CPU: a sort of T * k integers, and there a bad id raises
+  // (the GPU's routing kernel runs inside switch_glu only). Apple silicon's
+  // unified memory (and CUDA's managed memory) needs no copies for it.
+  if (stream.device != mx::Device::cpu) {
+    stream = mx::default_stream(mx::Device::cpu);
+  }
   auto idx = checked_uint32_indices(indices, num_experts, "route", "indices", stream);
   idx = mx::flatten(idx, stream);
-  auto outputs = mx::array::make_arrays(
-      {{static_cast<int>(idx.size())}, {num_experts + 1}, {static_cast<int>(idx.size())}},
-      {mx::uint32, mx::uint32, mx::uint32},
-      std::make_shared<MoeRoute>(stream, num_experts, "route"),
-      {idx});
+  auto outputs = make_routing(idx, num_experts, "route", stream);
   return {outputs[0], outputs[1]};
 }
 
@@ -588,7 +648,8 @@ mx::array switch_glu(
     return std::make_tuple(xs, gate, up, down, ids, sc);
   };
 
-  if (!has_kernels_for(stream)) {
+  if (!has_kernels_for(stream) &&
+      !metal_switch_glu(stream, tokens, top_k, model_dims, hidden_dims, num_experts, dtype, has_scores)) {
     auto [xs, gate, up, down, ids, sc] = unpack(inputs);
     return finish(switch_glu_composed(xs, gate, up, down, ids, sc, stream));
   }
@@ -597,11 +658,7 @@ mx::array switch_glu(
   // carries its own vjp (primitives.cpp), so the graph also works under
   // mx.compile(shapeless=True).
   auto [xs, gate, up, down, ids, sc] = unpack(inputs);
-  auto routed = mx::array::make_arrays(
-      {{tokens * top_k}, {num_experts + 1}, {tokens * top_k}},
-      {mx::uint32, mx::uint32, mx::uint32},
-      std::make_shared<MoeRoute>(stream, num_experts, "switch_glu"),
-      {ids});
+  auto routed = make_routing(ids, num_experts, "switch_glu", stream);
   auto hidden = mx::array(
       {tokens * top_k, hidden_dims},
       dtype,
@@ -613,9 +670,9 @@ mx::array switch_glu(
   }
   mx::Shape out_shape =
       has_scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
-  return finish(mx::array(
-      std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k),
-      std::move(down_inputs)));
+  auto out = mx::array(
+      std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k), std::move(down_inputs));
+  return finish(poison_on_bad_routing(out, routed[3], stream));
 }
 
 
@@ -748,11 +805,8 @@ mx::array switch_glu_quantized(
   }
 
   const WeightQuantization quantization{f.group_size, f.bits, f.mode, f.mode == "affine"};
-  auto routed = mx::array::make_arrays(
-      {{tokens * top_k}, {num_experts + 1}, {tokens * top_k}},
-      {mx::uint32, mx::uint32, mx::uint32},
-      std::make_shared<MoeRoute>(stream, num_experts, "switch_glu"),
-      {idx});
+  auto routed = make_routing(idx, num_experts, "switch_glu", stream);
+  routed.pop_back();  // the status: only the GPU path needs it
   std::vector<mx::array> gate_up_inputs{x2};
   for (const auto* w : {&gate, &up}) {
     auto in = weight_inputs(*w);

@@ -103,7 +103,7 @@ std::vector<mx::array> GatherMM::vjp(
 
 std::vector<mx::Shape> MoeRoute::output_shapes(const std::vector<mx::array>& inputs) {
   const int slots = static_cast<int>(inputs[0].size());
-  return {{slots}, {num_experts_ + 1}, {slots}};
+  return {{slots}, {num_experts_ + 1}, {slots}, {1}};
 }
 
 bool MoeRoute::is_equivalent(const mx::Primitive& other) const {
@@ -381,33 +381,5 @@ std::vector<mx::array> GatherQMM::vjp(
   return grads;
 }
 
-
-// No GPU kernels in this build yet: the ops fall back to MLX's own
-// operations on GPU streams (ops.cpp, has_kernels_for), so these primitives
-// never run there.
-namespace {
-[[noreturn]] void no_gpu_kernels(const char* op) {
-  throw std::runtime_error(
-      std::string("[") + op +
-      "] This build of mlx_moe_kernels has no GPU kernels; the op should "
-      "have used MLX's own operations on this stream.");
-}
-} // namespace
-
-void GatherMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu_kernels("gather_mm");
-}
-void MoeRoute::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  no_gpu_kernels("switch_glu");
-}
-void MoeGateUpSwiGLU::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu_kernels("switch_glu");
-}
-void MoeDownCombine::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu_kernels("switch_glu");
-}
-void GatherQMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu_kernels("gather_qmm");
-}
 
 } // namespace mlx_moe

@@ -67,7 +67,10 @@ class GatherMM : public mx::UnaryPrimitive {
 // [T * k], the slots s = t * k + j sorted by expert (stable); offsets
 // [E + 1], expert e's slots being order[offsets[e] .. offsets[e + 1]); and
 // sorted_experts [T * k], the expert of each sorted position (what the
-// gradients need). Not differentiable (indices are discrete). `op` names
+// gradients need); status [1], 1 if some id is >= E (then every offset is 0,
+// an empty routing), else 0. The CPU raises for a bad id; a GPU cannot raise
+// during its asynchronous evaluation, so ops.cpp turns a nonzero status into
+// NaN outputs there. Not differentiable (indices are discrete). `op` names
 // the calling op in error messages.
 class MoeRoute : public mx::Primitive {
  public:

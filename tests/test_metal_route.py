@@ -153,6 +153,11 @@ def test_plan():
     assert _ext._plan_route(1, 4)["threads"] == (32, 1, 1)
     assert _ext._plan_route(1, 512)["threads"] == (512, 1, 1)
     assert _ext._plan_route(4800, 60)["threads"] == (1024, 1, 1)
+    # The Mac dispatch passes the pipeline's maxTotalThreadsPerThreadgroup.
+    assert _ext._plan_route(4800, 60, 256)["threads"] == (256, 1, 1)
+    assert _ext._plan_route(4800, 60, 100)["threads"] == (96, 1, 1)
+    with pytest.raises(ValueError):
+        _ext._plan_route(10, 60, 16)
     assert _ext._plan_route(0, 60)["grid"] == (1, 1, 1)  # still writes offsets and the flag
     assert _ext._plan_route(10, 60)["key_bits"] == 6  # ids 0..60
     assert _ext._plan_route(10, 64)["key_bits"] == 7  # ids 0..64

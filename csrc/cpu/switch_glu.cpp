@@ -66,8 +66,10 @@ void MoeRoute::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
                     what = "[" + op_ + "] indices",
                     order = outputs[0].data<uint32_t>(),
                     offsets = outputs[1].data<uint32_t>(),
-                    sorted_experts = outputs[2].data<uint32_t>()]() {
+                    sorted_experts = outputs[2].data<uint32_t>(),
+                    status = outputs[3].data<uint32_t>()]() {
     std::vector<uint32_t> experts;
+    *status = 0;
     try {
       experts = read_indices(
           data, shape, strides, count, num_experts, what.c_str(), "the number of experts");
@@ -77,6 +79,7 @@ void MoeRoute::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
       std::fill(offsets, offsets + num_experts + 1, 0u);
       std::fill(order, order + count, 0u);
       std::fill(sorted_experts, sorted_experts + count, 0u);
+      *status = 1;
       throw;
     }
     cpu::sort_by_expert(experts.data(), count, num_experts, order, offsets);

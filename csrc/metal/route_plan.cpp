@@ -7,7 +7,7 @@
 
 namespace mlx_moe::metal {
 
-RoutePlan plan_route(int64_t slots, int64_t num_experts) {
+RoutePlan plan_route(int64_t slots, int64_t num_experts, int64_t max_threads) {
   if (slots < 0 || slots > std::numeric_limits<uint32_t>::max() / 2) {
     throw std::invalid_argument("[route] the number of slots (T * k) is out of range for the Metal kernel");
   }
@@ -22,7 +22,11 @@ RoutePlan plan_route(int64_t slots, int64_t num_experts) {
   // One thread per slot (chunks of the threadgroup beyond that), and at
   // least one per expert so the prefix sum is one block.
   const int64_t want = std::max<int64_t>(std::max<int64_t>(slots, num_experts), 1);
-  const int64_t threads = std::min<int64_t>((want + 31) / 32 * 32, kRouteMaxThreads);
+  if (max_threads < 32) {
+    throw std::invalid_argument("[route] the Metal kernel needs at least 32 threads per threadgroup");
+  }
+  const int64_t cap = std::min<int64_t>(max_threads / 32 * 32, kRouteMaxThreads);
+  const int64_t threads = std::min<int64_t>((want + 31) / 32 * 32, cap);
   plan.threads = {static_cast<uint32_t>(threads), 1, 1};
   uint32_t bits = 0;
   while ((int64_t(1) << bits) <= num_experts) {  // ids 0..E (E: no slot)

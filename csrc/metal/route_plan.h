@@ -23,9 +23,10 @@ struct RoutePlan {
   RouteParams params{};               // [[buffer(5)]], sent as is
 };
 
-// slots = T * k (indices flattened, uint32), num_experts = E in 1..512.
-// Buffers: indices, order [slots], offsets [E + 1], sorted_experts [slots],
-// error [1] (uint32), params.
-RoutePlan plan_route(int64_t slots, int64_t num_experts);
+// slots = T * k (indices flattened, uint32), num_experts = E in 1..512;
+// max_threads: the pipeline's maxTotalThreadsPerThreadgroup on a Mac (the
+// kernel takes any multiple of 32). Buffers: indices, order [slots],
+// offsets [E + 1], sorted_experts [slots], error [1] (uint32), params.
+RoutePlan plan_route(int64_t slots, int64_t num_experts, int64_t max_threads = kRouteMaxThreads);
 
 }  // namespace mlx_moe::metal

@@ -38,6 +38,16 @@ inline constexpr int64_t kSwitchGluPrefillBK = 16;
 inline constexpr uint32_t kSwitchGluPrefillThreads = 128;
 inline constexpr uint32_t kSwitchGluCombineThreads = 256;
 
+// The bound on any expert's slot count the Metal dispatch plans with: the
+// routing is only known on the GPU, after the launches are encoded, so the
+// bound comes from shapes alone. T * k holds for any indices (an expert can
+// take every slot when a token repeats an id); routers that pick k distinct
+// experts per token never exceed T, which a future indirect dispatch (grid
+// from the routing's counts) could exploit.
+inline int64_t switch_glu_row_bound(int64_t tokens, int64_t top_k) {
+  return tokens * top_k;
+}
+
 struct SwitchGluLaunch {
   std::string kernel;                  // host name
   std::array<uint32_t, 3> grid{};      // threadgroups; all 0: nothing to launch
