@@ -552,7 +552,7 @@ mx::array switch_glu(
     return "indices must be [..., k] with the leading dimensions of x " + shape_string(x.shape()) +
         ", but has shape " + shape_string(indices.shape()) + ".";
   });
-  for (int d = 0; d + 1 < x.ndim(); ++d) {
+  for (int d = 0; d + 1 < static_cast<int>(x.ndim()); ++d) {
     require(indices.shape(d) == x.shape(d), [&] {
       return "indices " + shape_string(indices.shape()) +
           " must have the leading dimensions of x " + shape_string(x.shape()) + ".";
@@ -716,7 +716,7 @@ mx::array switch_glu_quantized(
     return "indices must be [..., k] with the leading dimensions of x " + shape_string(x.shape()) +
         ", but has shape " + shape_string(indices.shape()) + ".";
   });
-  for (int d = 0; d + 1 < x.ndim(); ++d) {
+  for (int d = 0; d + 1 < static_cast<int>(x.ndim()); ++d) {
     require(indices.shape(d) == x.shape(d), [&] {
       return "indices " + shape_string(indices.shape()) + " must have the leading dimensions of x " +
           shape_string(x.shape()) + ".";

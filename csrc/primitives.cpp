@@ -49,7 +49,7 @@ std::vector<mx::array> GatherMM::vjp(
         grads.push_back(mx::reshape(g, a.shape(), s));
       } else {
         int num_a_matrices = 1;
-        for (int d = 0; d < a.ndim() - 2; ++d) {
+        for (int d = 0; d < static_cast<int>(a.ndim()) - 2; ++d) {
           num_a_matrices *= a.shape(d);
         }
         auto flat = mx::zeros({num_a_matrices, M, K}, a.dtype(), s);
@@ -370,7 +370,7 @@ std::vector<mx::array> GatherQMM::vjp(
       grads.push_back(mx::reshape(g, x.shape(), s));
     } else {
       int num_x_matrices = 1;
-      for (int d = 0; d < x.ndim() - 2; ++d) {
+      for (int d = 0; d < static_cast<int>(x.ndim()) - 2; ++d) {
         num_x_matrices *= x.shape(d);
       }
       auto flat = mx::zeros({num_x_matrices, M, K}, x.dtype(), s);

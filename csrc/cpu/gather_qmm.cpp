@@ -133,7 +133,7 @@ void GatherQMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
 
   int64_t num_matrices = 1;
-  for (int d = 0; d < w.ndim() - 2; ++d) {
+  for (int d = 0; d < static_cast<int>(w.ndim()) - 2; ++d) {
     num_matrices *= w.shape(d);
   }
   GatherQMMArguments args{

@@ -3,6 +3,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
 namespace mlx_moe::cpu {
 
 namespace {
@@ -18,6 +22,19 @@ int rank_of(const char* name) {
   return -1;
 }
 
+#if defined(__x86_64__) || defined(_M_X64)
+// One CPUID feature bit (register 0 eax, 1 ebx, 2 ecx, 3 edx), read directly
+// for F16C and AVX512_BF16: clang before 16 rejects those names in
+// __builtin_cpu_supports.
+bool cpuid_bit(unsigned leaf, unsigned subleaf, int reg, int bit) {
+  unsigned r[4] = {0, 0, 0, 0};
+  if (!__get_cpuid_count(leaf, subleaf, &r[0], &r[1], &r[2], &r[3])) {
+    return false;
+  }
+  return (r[reg] >> bit) & 1u;
+}
+#endif
+
 } // namespace
 
 const CpuKernels& cpu_kernels() {
@@ -25,10 +42,10 @@ const CpuKernels& cpu_kernels() {
   const int max_rank = (cap && rank_of(cap) >= 0) ? rank_of(cap) : 2;
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c");
+      cpuid_bit(1, 0, 2, 29);  // F16C
   static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bf16");
+      cpuid_bit(7, 1, 0, 5);  // AVX512_BF16
   if (avx512 && max_rank >= 2) {
     return kernels_avx512();
   }
