@@ -103,8 +103,9 @@ NB_MODULE(_ext, m) {
   m.def(
       "_plan_gather_mm",
       [](int64_t rows, int64_t max_rows_per_expert, int64_t N, int64_t K, int64_t num_experts,
-         mx::Dtype dtype) {
-        auto plan = mlx_moe::metal::plan_gather_mm(rows, max_rows_per_expert, N, K, num_experts, dtype);
+         mx::Dtype dtype, int64_t rows_per_index, int64_t lhs_batches) {
+        auto plan = mlx_moe::metal::plan_gather_mm(
+            rows, max_rows_per_expert, N, K, num_experts, dtype, rows_per_index, lhs_batches);
         nb::dict d;
         d["kernel"] = plan.kernel;
         d["prefill"] = plan.prefill;
@@ -123,6 +124,8 @@ NB_MODULE(_ext, m) {
       "K"_a,
       "num_experts"_a,
       "dtype"_a,
+      "rows_per_index"_a = 1,
+      "lhs_batches"_a = -1,
       "Private: the Metal launch plan of gather_mm (kernel, grid, threads, threadgroup memory, params bytes).");
 
   m.def(

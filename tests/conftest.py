@@ -33,6 +33,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+# Every test runs on the CPU unless it names another stream: on a Mac the
+# default device is the GPU, and these tests check the CPU kernels there too.
+# The Metal path has its own tests (test_metal_device.py, Macs only).
+mx.set_default_device(mx.cpu)
+
 FLOAT_DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 DTYPE_IDS = {mx.float32: "f32", mx.float16: "f16", mx.bfloat16: "bf16"}
 

@@ -4,8 +4,10 @@ Metal dispatch would use (``_ext._plan_gather_mm``, the C++ plan), against a
 float64 NumPy oracle; plus deliberately broken builds (fault toggles in the
 .metal file) that these tests must catch.
 
-Layout (mlx-lm's SwitchLinear): x [rows, K] grouped by expert, per-expert row
-offsets [E + 1] (uint32), w [E, N, K], out [rows, N].
+Layout (mlx-lm's SwitchLinear): w [E, N, K]; index entries (M rows each)
+reached through the routing: per-expert offsets [E + 1] over sorted entry
+positions, order (the entry at each position) and lhs (each entry's x
+matrix); x [lhs_batches * M, K], out [entries * M, N].
 """
 
 from __future__ import annotations
@@ -83,37 +85,62 @@ def nan_buffer(shape, dtype: str) -> np.ndarray:
 
 
 class Case:
-    """One gather_mm problem: rows per expert, N, K, dtype; inputs, oracle."""
+    """One gather_mm problem: index entries per expert (counts), N, K, dtype,
+    M rows per entry; the inputs in the kernels' layout, and the oracle.
 
-    def __init__(self, counts, N, K, dtype, seed=0):
+    The entries are shuffled (order[p]: the entry at sorted position p, as
+    the routing kernel produces it) and each reads a random x matrix
+    (lhs, with repeats; some matrices unused), unless ``identity``: then
+    x rows are already grouped by expert (order = lhs = arange)."""
+
+    def __init__(self, counts, N, K, dtype, seed=0, M=1, identity=False):
         rng = np.random.default_rng(seed)
-        self.counts, self.N, self.K, self.dtype = list(counts), N, K, dtype
+        self.counts, self.N, self.K, self.dtype, self.M = list(counts), N, K, dtype, M
         self.E = len(counts)
-        self.rows = int(sum(counts))
+        self.entries = int(sum(counts))
+        self.rows = self.entries * M
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
-        self.x = to_device(rng.standard_normal((self.rows, K)).astype(np.float32), dtype)
+        if identity:
+            self.order = np.arange(self.entries, dtype=np.uint32)
+            self.lhs = np.arange(self.entries, dtype=np.uint32)
+            self.lhs_batches = self.entries
+        else:
+            self.order = rng.permutation(self.entries).astype(np.uint32)
+            self.lhs_batches = self.entries + 2
+            self.lhs = rng.integers(0, self.lhs_batches, self.entries).astype(np.uint32)
+        self.x = to_device(rng.standard_normal((self.lhs_batches * M, K)).astype(np.float32), dtype)
         self.w = to_device(rng.standard_normal((self.E, N, K)).astype(np.float32), dtype)
         xv, wv = from_device(self.x, dtype), from_device(self.w, dtype)
         self.exact = np.zeros((self.rows, N))
         self.scale = np.zeros((self.rows, N))  # sum_k |x_k w_k|
         for e in range(self.E):
-            r0, r1 = self.offsets[e], self.offsets[e + 1]
-            self.exact[r0:r1] = xv[r0:r1] @ wv[e].T
-            self.scale[r0:r1] = np.abs(xv[r0:r1]) @ np.abs(wv[e]).T
-        self.plan = _ext._plan_gather_mm(self.rows, max(counts), N, K, self.E, MX_DTYPE[dtype])
+            for pos in range(self.offsets[e], self.offsets[e + 1]):
+                i, b = int(self.order[pos]), int(self.lhs[self.order[pos]])
+                xr = xv[b * M:(b + 1) * M]
+                self.exact[i * M:(i + 1) * M] = xr @ wv[e].T
+                self.scale[i * M:(i + 1) * M] = np.abs(xr) @ np.abs(wv[e]).T
+        self.plan = _ext._plan_gather_mm(
+            self.rows, max(counts) * M, N, K, self.E, MX_DTYPE[dtype], M, self.lhs_batches)
+
+    def buffers(self, out):
+        """The kernels' buffers (placeholders for empty ones: no empty Metal buffers)."""
+        def nonempty(a):
+            return a if a.size else np.zeros(1, np.uint32)
+
+        return [self.x, self.w, self.offsets, out, self.plan["params"], nonempty(self.order), nonempty(self.lhs)]
 
     def run(self, lib, **launch):
-        out = nan_buffer((self.rows, self.N), self.dtype)
+        out = nan_buffer((max(self.rows, 1), self.N), self.dtype)
         p = self.plan
         res = lib.launch(
             p["kernel"],
-            [self.x, self.w, self.offsets, out, p["params"]],
+            self.buffers(out),
             threadgroups=p["grid"],
             threads_per_threadgroup=p["threads"],
             threadgroup_memory=[p["threadgroup_memory"]],
             **launch,
         )
-        return from_device(out, self.dtype), res
+        return from_device(out[: self.rows], self.dtype), res
 
     def bound(self) -> np.ndarray:
         """float32 accumulation (about twice the naive dot product bound), then
@@ -169,6 +196,50 @@ def test_gather_mm_kernels(sim, shape, dtype):
             case.assert_close(got)
 
 
+# M rows per index entry (mx.gather_mm's a [..., M, K]): (counts, N, K, M, path, tile).
+MULTI_ROW = {
+    "decode_m2": ([2, 0, 1, 1], 36, 40, 2, "decode_", "_bm4"),
+    "prefill_m3": ([5, 3, 0, 6], 40, 24, 3, "prefill_", "_bm16_bn32"),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", list(MULTI_ROW))
+def test_rows_per_index(sim, shape, dtype):
+    counts, N, K, M, path, tile = MULTI_ROW[shape]
+    case = Case(counts, N, K, dtype, seed=zlib.crc32(f"{shape}-{dtype}".encode()), M=M)
+    assert case.plan["kernel"].startswith("gather_mm_" + path) and case.plan["kernel"].endswith(tile)
+    got, res = case.run(sim(race_check=True), schedule="random", seed=5, preempt=0.2)
+    assert res.diagnostics == [], res.diagnostics
+    case.assert_close(got)
+
+
+@pytest.mark.parametrize("shape", ["few_rows", "prefill_narrow"])
+def test_rows_already_grouped(sim, shape):
+    """order = lhs = arange: x rows grouped by expert, as the CPU path sorts them."""
+    case = Case(*SHAPES[shape][:3], "float16", seed=21, identity=True)
+    got, res = case.run(sim(race_check=False))
+    assert res.diagnostics == []
+    case.assert_close(got)
+
+
+@pytest.mark.parametrize("shape", ["few_rows", "prefill_narrow"])
+def test_out_of_range_lhs_reads_nan(sim, shape):
+    """An lhs id past x's matrices gives NaN rows, not an out-of-bounds read;
+    the other rows are unaffected."""
+    case = Case(*SHAPES[shape][:3], "float32", seed=22, M=2)
+    bad_entry = int(case.order[0])
+    case.lhs[bad_entry] = case.lhs_batches + 3
+    got, res = case.run(sim(race_check=True))
+    assert res.diagnostics == [], res.diagnostics
+    bad_rows = slice(bad_entry * 2, bad_entry * 2 + 2)
+    assert np.isnan(got[bad_rows]).all()
+    keep = np.ones(case.rows, bool)
+    keep[bad_rows] = False
+    err = np.abs(got[keep] - case.exact[keep])
+    assert (err <= case.bound()[keep]).all()
+
+
 def test_no_rows_launches_nothing():
     plan = _ext._plan_gather_mm(0, 0, 40, 64, 4, mx.float16)
     assert plan["grid"] == (0, 0, 0)
@@ -201,7 +272,7 @@ def test_missing_x_barrier_is_caught(sim):
 
 @pytest.mark.parametrize("shape", ["few_rows", "unaligned_k"])
 def test_shifted_k_index_is_caught(sim, shape):
-    case = Case(*SHAPES[shape][:3], "float16", seed=12)
+    case = Case(*SHAPES[shape][:3], "float16", seed=12, identity=True)
     got, res = case.run(sim(race_check=True, GATHER_MM_FAULT_K_SHIFT=1), check=False)
     assert "out_of_bounds" in res.kinds()  # the last row reads one past x
     got, _ = case.run(sim(race_check=False, GATHER_MM_FAULT_K_SHIFT=1), check=False)
@@ -225,6 +296,9 @@ def test_prefill_missing_barrier_is_caught(sim):
 def test_prefill_tile_bound_off_by_one_is_caught(sim):
     """Storing one row past an expert's partial row tile writes into the next
     expert's rows: another threadgroup's output."""
-    case = Case(*SHAPES["prefill_narrow"][:3], "float32", seed=15)
+    # The partial tile (13 of 16 rows) is not the last expert's: its extra
+    # row is the next expert's first (the last expert's tile is full).
+    case = Case([13, 9, 0, 16], 40, 40, "float32", seed=15, identity=True)
+    assert case.plan["kernel"].endswith("_bm16_bn32")
     with pytest.raises(MetalSimError, match="another threadgroup|out-of-bounds"):
         case.run(sim(race_check=True, GATHER_MM_FAULT_TILE_BOUND=1))

@@ -1,10 +1,17 @@
 // gather_mm on Apple GPUs, in mlx-lm's SwitchLinear layout:
 //
-//   out[i, :] = x[i, :] @ w[e_i]^T      x [rows, K], w [E, N, K], out [rows, N]
+//   out[i * M + m, :] = x[lhs[i] * M + m, :] @ w[rhs[i]]^T
 //
-// with the rows of x grouped by expert (sorted): expert e owns rows
-// offsets[e] .. offsets[e + 1] (offsets: E + 1 uint32, what the routing
-// produces). float32 / float16 / bfloat16 in and out, float32 accumulation.
+// x [lhs_batches * M, K], w [E, N, K], out [entries * M, N], for every index
+// entry i (M rows each: mx.gather_mm's a [..., M, K]). The kernels see the
+// entries grouped by expert, through the routing (route.metal): order[p] is
+// the entry at sorted position p, and expert e owns sorted positions
+// offsets[e] .. offsets[e + 1] (E + 1 uint32), so its rows are the sorted
+// rows offsets[e] * M .. offsets[e + 1] * M; sorted row r is row r % M of
+// entry order[r / M]. An lhs id >= lhs_batches reads NaN (never out of
+// bounds); an entry in no expert's range is not written (the dispatch
+// fills out with NaN first). float32 / float16 / bfloat16 in and out,
+// float32 accumulation.
 // The launch (kernel, grid, threadgroup size, threadgroup memory, params) is
 // chosen by plan_gather_mm (gather_mm_plan.cpp), shared with the tests that
 // run this file in the Metal-on-CPU simulator (tests/metal_sim/).
@@ -88,10 +95,27 @@ inline float dot16(uint4 a, uint4 b) {
       (Word<T>::dot(a.z, b.z) + Word<T>::dot(a.w, b.w));
 }
 
+// ---------------------------------------------------------- row mapping
+// Sorted row r (expert-grouped, M rows per entry): element k of its x row
+// (NaN for an lhs id out of range), and its output row.
+template <typename T>
+inline T gathered_x(device const T* x, device const uint* order, device const uint* lhs,
+                    constant GatherMMParams& p, uint r, uint k) {
+  const uint M = p.rows_per_index;
+  const uint batch = lhs[order[r / M]];
+  return batch < p.lhs_batches ? x[(ulong(batch) * M + r % M) * p.K + k] : T(NAN);
+}
+
+inline ulong output_row(device const uint* order, constant GatherMMParams& p, uint r) {
+  const uint M = p.rows_per_index;
+  return ulong(order[r / M]) * M + r % M;
+}
+
 // --------------------------------------------------------------- decode
 // Grid: (ceil(N / (simdgroups * DECODE_COLS)), E, ceil(max rows / BM)).
-// Threadgroup (t, e, z): rows offsets[e] + z * BM ... (at most BM), columns
-// of column tile t. xs: [BM][k_chunk] of T (threadgroup(0)).
+// Threadgroup (t, e, z): sorted rows offsets[e] * M + z * BM ... (at most
+// BM), columns of column tile t. xs: [BM][k_chunk] of T (threadgroup(0)).
+// Buffers: 0 x, 1 w, 2 offsets, 3 out, 4 params, 5 order, 6 lhs.
 template <typename T, int BM>
 [[kernel]] void gather_mm_decode(
     device const T* x [[buffer(0)]],
@@ -99,6 +123,8 @@ template <typename T, int BM>
     device const uint* offsets [[buffer(2)]],
     device T* out [[buffer(3)]],
     constant GatherMMParams& p [[buffer(4)]],
+    device const uint* order [[buffer(5)]],
+    device const uint* lhs [[buffer(6)]],
     threadgroup T* xs [[threadgroup(0)]],
     uint3 tg [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -108,8 +134,8 @@ template <typename T, int BM>
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr uint V = 16 / sizeof(T);  // elements per 16-byte load
   const uint e = tg.y;
-  const uint row0 = offsets[e] + tg.z * BM;
-  const uint row_end = offsets[e + 1];
+  const uint row0 = offsets[e] * p.rows_per_index + tg.z * BM;
+  const uint row_end = offsets[e + 1] * p.rows_per_index;
   if (row0 >= row_end) {
     return;  // no rows for this expert (or row tile): the whole threadgroup leaves
   }
@@ -146,7 +172,7 @@ template <typename T, int BM>
 #else
       const uint kx = k0 + k;
 #endif
-      xs[m * stride + k] = m < nrows ? x[ulong(row0 + m) * p.K + kx] : T(0.0f);
+      xs[m * stride + k] = m < nrows ? gathered_x(x, order, lhs, p, row0 + m, kx) : T(0.0f);
     }
 #ifndef GATHER_MM_FAULT_NO_X_BARRIER
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -201,7 +227,7 @@ template <typename T, int BM>
       const float s = simd_sum(acc[m][c]);
 #endif
       if (lane == (uint(m) * DECODE_COLS + c) % SIMD_WIDTH) {
-        out[ulong(row0 + m) * p.N + n] = T(s);
+        out[output_row(order, p, row0 + m) * p.N + n] = T(s);
       }
     }
   }
@@ -218,6 +244,8 @@ template <typename T, int BM, int BN>
     device const uint* offsets [[buffer(2)]],
     device T* out [[buffer(3)]],
     constant GatherMMParams& p [[buffer(4)]],
+    device const uint* order [[buffer(5)]],
+    device const uint* lhs [[buffer(6)]],
     threadgroup float* smem [[threadgroup(0)]],
     uint3 tg [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -226,8 +254,8 @@ template <typename T, int BM, int BN>
   constexpr int SM = BM / 2, SN = BN / 2;  // each simdgroup's part of the tile
   constexpr int TM = SM / 8, TN = SN / 8;  // ... in 8x8 matrices
   const uint e = tg.y;
-  const uint row0 = offsets[e] + tg.z * BM;
-  const uint row_end = offsets[e + 1];
+  const uint row0 = offsets[e] * p.rows_per_index + tg.z * BM;
+  const uint row_end = offsets[e + 1] * p.rows_per_index;
   if (row0 >= row_end) {
     return;  // no rows for this expert (or row tile): the whole threadgroup leaves
   }
@@ -249,7 +277,7 @@ template <typename T, int BM, int BN>
   for (uint k0 = 0; k0 < p.K; k0 += BK) {
     for (uint i = tid; i < BM * BK; i += PREFILL_THREADS) {
       const uint m = i / BK, k = k0 + i % BK;
-      xs[i] = (m < nrows && k < p.K) ? float(x[ulong(row0 + m) * p.K + k]) : 0.0f;
+      xs[i] = (m < nrows && k < p.K) ? float(gathered_x(x, order, lhs, p, row0 + m, k)) : 0.0f;
     }
     for (uint i = tid; i < BN * BK; i += PREFILL_THREADS) {
       const uint n = n0 + i / BK, k = k0 + i % BK;
@@ -293,7 +321,7 @@ template <typename T, int BM, int BN>
   for (uint i = tid; i < store_rows * BN; i += PREFILL_THREADS) {
     const uint m = i / BN, n = n0 + i % BN;
     if (n < p.N) {
-      out[ulong(row0 + m) * p.N + n] = T(smem[i]);
+      out[output_row(order, p, row0 + m) * p.N + n] = T(smem[i]);
     }
   }
 }

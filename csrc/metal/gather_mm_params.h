@@ -17,7 +17,9 @@ struct GatherMMParams {
   uint32_t num_experts;  // E: offsets has E + 1 entries
   uint32_t k_chunk;      // decode: K elements of x staged per pass (stride of a staged row);
                          // prefill: the K step of the staged tiles
-  uint32_t reserved[3];  // keeps the struct a multiple of 16 bytes
+  uint32_t rows_per_index;  // M: rows of x (and out) per index entry
+  uint32_t lhs_batches;     // matrices of x ([lhs_batches * M, K]); an lhs id >= this reads NaN
+  uint32_t reserved;        // keeps the struct a multiple of 16 bytes
 };
 
 #ifndef __METAL_VERSION__

@@ -35,11 +35,21 @@ GatherMMLaunch plan_gather_mm(
     int64_t N,
     int64_t K,
     int64_t num_experts,
-    mlx::core::Dtype dtype) {
+    mlx::core::Dtype dtype,
+    int64_t rows_per_index,
+    int64_t lhs_batches) {
   auto [type_name, type_size] = type_of(dtype);
   if (rows < 0 || N < 0 || K < 0 || num_experts < 1 || max_rows_per_expert < 0) {
     throw std::invalid_argument("[gather_mm] negative sizes or no experts");
   }
+  if (rows_per_index < 1 || rows % rows_per_index != 0) {
+    throw std::invalid_argument("[gather_mm] rows must be a multiple of rows_per_index >= 1");
+  }
+  if (lhs_batches < 0) {
+    lhs_batches = rows / rows_per_index;
+  }
+  // Row numbers are 32-bit in the kernels, element offsets 64-bit.
+  to_u32(lhs_batches * rows_per_index, "lhs_batches * rows_per_index");
   if (rows > 0 && max_rows_per_expert < 1) {
     throw std::invalid_argument("[gather_mm] max_rows_per_expert must be >= 1 when there are rows");
   }
@@ -50,6 +60,8 @@ GatherMMLaunch plan_gather_mm(
   plan.params.N = to_u32(N, "N");
   plan.params.K = to_u32(K, "K");
   plan.params.num_experts = to_u32(num_experts, "num_experts");
+  plan.params.rows_per_index = to_u32(rows_per_index, "rows_per_index");
+  plan.params.lhs_batches = to_u32(lhs_batches, "lhs_batches");
   plan.prefill = max_rows > kDecodeMaxRowsPerExpert;
 
   if (!plan.prefill) {

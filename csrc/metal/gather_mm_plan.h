@@ -43,17 +43,22 @@ struct GatherMMLaunch {
   GatherMMParams params{};           // [[buffer(4)]], sent as is
 };
 
-// x [rows, K] (rows grouped by expert), w [num_experts, N, K], out [rows, N];
-// max_rows_per_expert: an upper bound on any expert's row count (rows is
-// always valid). Buffers: x, w, offsets (uint32 [num_experts + 1]), out,
-// params. Throws std::invalid_argument for bad shapes or an unsupported
-// dtype (float32, float16, bfloat16).
+// rows = entries * rows_per_index (M), the rows of out; x [lhs_batches * M,
+// K]; w [num_experts, N, K]; out [rows, N]; max_rows_per_expert: an upper
+// bound on any expert's row count (entries * M; rows is always valid).
+// lhs_batches < 0: rows / M. Buffers: x, w, offsets (uint32 [num_experts +
+// 1], over entries), out, params, order (uint32 [entries]: the entry at each
+// sorted position), lhs (uint32 [entries]: the x matrix of each entry).
+// Throws std::invalid_argument for bad shapes or an unsupported dtype
+// (float32, float16, bfloat16).
 GatherMMLaunch plan_gather_mm(
     int64_t rows,
     int64_t max_rows_per_expert,
     int64_t N,
     int64_t K,
     int64_t num_experts,
-    mlx::core::Dtype dtype);
+    mlx::core::Dtype dtype,
+    int64_t rows_per_index = 1,
+    int64_t lhs_batches = -1);
 
 }  // namespace mlx_moe::metal

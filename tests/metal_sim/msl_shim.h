@@ -324,6 +324,13 @@ template <class Tr> struct numeric_limits<msl::f16_t<Tr>> {
 };
 
 // ------------------------------------------------------------------- math
+// MSL's float constants (metal_math).
+#ifndef NAN
+#define NAN __builtin_nanf("")
+#endif
+#ifndef INFINITY
+#define INFINITY __builtin_inff()
+#endif
 namespace detail {
 template <class T> inline auto math_arg(T v) {
   if constexpr (msl::is_f16_v<T>) return float(v); else return v;
