@@ -4,6 +4,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "metal/gather_mm_plan.h"
 #include "metal/route_plan.h"
 #include "metal/switch_glu_plan.h"
 #include "primitives.h"
@@ -20,6 +21,15 @@ bool has_kernels_for(const mx::Stream& stream) {
 
 namespace {
 
+// Whether this build has the Metal kernels at all.
+constexpr bool metal_builds() {
+#ifdef MLX_MOE_METAL
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Whether this build runs the fused float SwitchGLU on `stream` with our
 // Metal kernels: Metal builds only, and only shapes the launch plans accept,
 // checked here at graph-build time so evaluation cannot fail on them (E over
@@ -34,8 +44,7 @@ bool metal_switch_glu(
     int64_t num_experts,
     mx::Dtype dtype,
     bool scores) {
-#ifdef MLX_MOE_METAL
-  if (stream.device != mx::Device::gpu) {
+  if (!metal_builds() || stream.device != mx::Device::gpu) {
     return false;
   }
   try {
@@ -47,11 +56,34 @@ bool metal_switch_glu(
   } catch (const std::invalid_argument&) {
     return false;
   }
-#else
-  (void)stream, (void)tokens, (void)top_k, (void)model_dims, (void)hidden_dims, (void)num_experts,
-      (void)dtype, (void)scores;
-  return false;
-#endif
+}
+
+// Whether gather_mm runs on `stream` with our Metal kernels: a GPU stream
+// of a Metal build, non-empty matrices (M, K >= 1), 1..512 matrices in b
+// (the routing kernel's limit) and sizes the plan accepts for the worst
+// case of all entries on one matrix. a [..., M, K], b [..., K, N], lhs the
+// broadcast indices.
+bool metal_gather_mm(const mx::Stream& stream, const mx::array& a, const mx::array& b, const mx::array& lhs, mx::Dtype dtype) {
+  if (!metal_builds() || stream.device != mx::Device::gpu) {
+    return false;
+  }
+  const int64_t M = a.shape(-2), K = a.shape(-1), N = b.shape(-1);
+  if (M < 1 || K < 1) {
+    return false;
+  }
+  const int64_t lhs_batches = static_cast<int64_t>(a.size()) / (M * K);
+  const int64_t num_experts = N > 0 ? static_cast<int64_t>(b.size()) / (K * N) : 0;
+  const int64_t rows = static_cast<int64_t>(lhs.size()) * M;
+  if (lhs_batches < 1 || num_experts < 1) {
+    return false;
+  }
+  try {
+    metal::plan_route(static_cast<int64_t>(lhs.size()), num_experts);
+    metal::plan_gather_mm(rows, rows, N, K, num_experts, dtype, M, lhs_batches);
+    return true;
+  } catch (const std::invalid_argument&) {
+    return false;
+  }
 }
 
 // The MoeRoute outputs (order, offsets, sorted_experts, status) of ids [T, k].
@@ -186,9 +218,10 @@ mx::array gather_mm(
     return mx::matmul(a, b, s);
   }
   auto stream = mx::to_stream(s);
-  if (!has_kernels_for(stream)) {
+  if (!has_kernels_for(stream) && !metal_builds()) {
     return mx::gather_mm(a, b, lhs_indices_in, rhs_indices_in, sorted_indices, stream);
   }
+  const mx::array a_in = a, b_in = b;
 
   const int in_a_ndim = a.ndim();
   const int in_b_ndim = b.ndim();
@@ -233,6 +266,9 @@ mx::array gather_mm(
   const bool lhs_is_identity = !lhs_indices_in && broadcast[0].shape() == lhs.shape();
   lhs = broadcast[0];
   rhs = broadcast[1];
+  if (!has_kernels_for(stream) && !metal_gather_mm(stream, a, b, lhs, out_type)) {
+    return mx::gather_mm(a_in, b_in, lhs_indices_in, rhs_indices_in, sorted_indices, stream);
+  }
 
   auto out_shape = lhs.shape();
   out_shape.push_back(a.shape(-2));

@@ -1,6 +1,6 @@
-"""The fused SwitchGLU on a real Apple GPU: our Metal kernels through the
-Metal dispatch (csrc/metal/*.cpp), against the reference path and the
-float64 oracle with test_switch_glu's accuracy rule.
+"""gather_mm and the fused SwitchGLU on a real Apple GPU: our Metal kernels
+through the Metal dispatch (csrc/metal/*.cpp), against the float64 oracle
+(gather_mm: conftest's bound; switch_glu: test_switch_glu's accuracy rule).
 
 Runs only where MLX has a Metal GPU (a Mac with Apple silicon and this
 package built there, which builds the metallib); everywhere else every test
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import mlx_moe_kernels
-from conftest import dtype_id, FLOAT_DTYPES, indices, to_f64
+from conftest import FLOAT_DTYPES, assert_close_to_exact, dtype_id, indices, rand, to_f64
 from test_switch_glu import D, assert_accurate, make_problem
 
 pytestmark = pytest.mark.skipif(not mx.metal.is_available(), reason="needs an Apple GPU (MLX's Metal backend)")
@@ -59,12 +59,59 @@ def test_gpu_fused_gate_up_view_matches_separate_weights():
     np.testing.assert_array_equal(to_f64(fused), to_f64(separate))
 
 
+def lazy_indices(values) -> mx.array:
+    """Indices that are still a graph node when the op is called (evaluated
+    indices are range-checked at the call, on every device)."""
+    return mx.array(np.asarray(values, np.uint32)) + mx.array(0, mx.uint32)
+
+
 def test_gpu_out_of_range_index_gives_nan():
     """A GPU cannot raise mid-evaluation: a bad expert id makes every output NaN."""
     p = make_problem(3, 2, 4, mx.float32, seed=1)
-    bad = indices(np.array([[0, 1], [2, 9], [1, 3]]), mx.uint32)
+    bad = lazy_indices([[0, 1], [2, 9], [1, 3]])
     out = switch_glu(p.x, p.gate, p.up, p.down, bad, p.scores, stream=mx.gpu)
     assert np.isnan(np.array(out)).all()
+
+
+# ------------------------------------------------------------ gather_mm
+gather_mm = mlx_moe_kernels.gather_mm
+
+
+@pytest.mark.parametrize("tokens,k,E", [(1, 8, 64), (3, 2, 8), (40, 4, 16), (300, 2, 4)])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_gpu_gather_mm_switch_linear_layout(dtype, tokens, k, E):
+    """mlx-lm's SwitchLinear call: x [T, 1, 1, K], w [E, N, K] transposed (no copy)."""
+    N, K = 40, 72
+    x = rand((tokens, 1, 1, K), dtype, 1)
+    w = rand((E, N, K), dtype, 2, K**-0.5)
+    rng = np.random.default_rng(tokens)
+    idx = indices(np.stack([rng.permutation(E)[:k] for _ in range(tokens)]))
+    b = mx.swapaxes(w, -1, -2)
+    out = gather_mm(x, b, rhs_indices=idx, stream=mx.gpu)
+    assert_close_to_exact(out, x, b, None, idx)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_gpu_gather_mm_general(dtype):
+    """M = 3 rows per index, random lhs and rhs with repeats, b row-major [E, K, N] (copied)."""
+    a = rand((5, 3, 24), dtype, 3)
+    b = rand((6, 24, 20), dtype, 4)
+    rng = np.random.default_rng(7)
+    lhs = indices(rng.integers(0, 5, (4, 7)))
+    rhs = indices(rng.integers(0, 6, (4, 7)))
+    out = gather_mm(a, b, lhs, rhs, stream=mx.gpu)
+    assert_close_to_exact(out, a, b, lhs, rhs)
+
+
+def test_gpu_gather_mm_bad_ids_give_nan():
+    a = rand((4, 2, 16), mx.float32, 5)
+    b = rand((3, 16, 8), mx.float32, 6)
+    good = lazy_indices([0, 1, 2, 1])
+    bad_lhs = gather_mm(a, b, lazy_indices([0, 9, 2, 1]), good, stream=mx.gpu)
+    rows = np.array(bad_lhs)
+    assert np.isnan(rows[1]).all() and np.isfinite(np.delete(rows, 1, axis=0)).all()
+    bad_rhs = gather_mm(a, b, lazy_indices([0, 1, 2, 3]), lazy_indices([0, 1, 7, 1]), stream=mx.gpu)
+    assert np.isnan(np.array(bad_rhs)).all()
 
 
 def test_gpu_many_experts_falls_back_to_mlx():

@@ -197,8 +197,8 @@ def test_compiles_syntax_only_against_the_macos_headers(configured, source):
     "source, good, bad, message",
     [
         # A method MLX's CommandEncoder does not have.
-        ("csrc/metal/route.cpp", "encoder.set_input_array(indices, 0);",
-         "encoder.set_input_arrays(indices, 0);", "set_input_arrays"),
+        ("csrc/metal/gather_mm.cpp", "encoder.set_input_array(lhs, 6);",
+         "encoder.set_input_arrays(lhs, 6);", "set_input_arrays"),
         # A metal-cpp call with the wrong name.
         ("csrc/metal/dispatch.cpp", "kernel->maxTotalThreadsPerThreadgroup()",
          "kernel->maxThreadsPerThreadgroup()", "maxThreadsPerThreadgroup"),

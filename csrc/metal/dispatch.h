@@ -34,6 +34,29 @@ void dispatch(
     const std::array<uint32_t, 3>& grid,
     const std::array<uint32_t, 3>& threads);
 
+// Encodes the routing kernel (route.metal) over `indices` (uint32,
+// row-contiguous): order, sorted_experts [indices.size()], offsets
+// [num_experts + 1] and status [1] must be allocated. Shared by
+// MoeRoute::eval_gpu and GatherMM::eval_gpu.
+void encode_route(
+    mlx::core::metal::Device& device,
+    mlx::core::metal::CommandEncoder& encoder,
+    const mlx::core::array& indices,
+    int num_experts,
+    mlx::core::array& order,
+    mlx::core::array& offsets,
+    mlx::core::array& sorted_experts,
+    mlx::core::array& status);
+
+// A freshly allocated array of `shape` and `dtype`, kept alive by the
+// encoder until its command buffer completes (scratch for one launch).
+mlx::core::array temporary(
+    mlx::core::metal::CommandEncoder& encoder, mlx::core::Shape shape, mlx::core::Dtype dtype);
+
+// `a` itself if row-contiguous, else a contiguous copy encoded on `s`.
+mlx::core::array row_contiguous(
+    const mlx::core::array& a, mlx::core::metal::CommandEncoder& encoder, const mlx::core::Stream& s);
+
 // True when a plan's grid has no threadgroup (nothing to launch).
 inline bool empty_grid(const std::array<uint32_t, 3>& grid) {
   return grid[0] == 0 || grid[1] == 0 || grid[2] == 0;

@@ -1,18 +1,81 @@
-// eval_gpu of GatherMM and GatherQMM in Metal builds. Their kernels
-// (gather_mm.metal, gather_qmm.metal) take rows already grouped by expert;
-// the general gather (any lhs/rhs indices, M rows per index, b in either
-// layout) has no Metal dispatch yet, so ops.cpp sends both ops on GPU
-// streams to MLX's own gather_mm / gather_qmm and these are never reached.
+// GatherMM::eval_gpu: out[i] = a[lhs[i]] @ b[rhs[i]] with the kernels of
+// gather_mm.metal. The index entries are routed by rhs (route.metal's
+// counting sort, as the fused SwitchGLU does), then the gather_mm kernel
+// reads each entry's M rows of a through order and lhs, and writes its
+// output rows in place: no gathered copy of a, no scatter of out.
+//
+// GatherQMM has no Metal dispatch yet (a decode kernel exists, prefill
+// does not): ops.cpp sends gather_qmm on GPU streams to mx.gather_qmm.
+#include <limits>
 #include <stdexcept>
 
+#include <mlx/allocator.h>
+#include <mlx/backend/gpu/copy.h>
+#include <mlx/backend/metal/device.h>
+
+#include "metal/dispatch.h"
+#include "metal/gather_mm_plan.h"
 #include "primitives.h"
 
 namespace mlx_moe {
 
-void GatherMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::logic_error(
-      "[gather_mm] no Metal dispatch for the general gather_mm yet; ops.cpp should have used "
-      "mx.gather_mm on this stream");
+void GatherMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& s = stream();
+  auto& device = mx::metal::device(s.device);
+  auto& encoder = mx::metal::get_command_encoder(s);
+  // Inputs: a [..., M, K], b [..., K, N], lhs_indices and rhs_indices uint32
+  // of one shape I (ops.cpp checked shapes and dtypes, and that the plans
+  // accept them). Output [*I, M, N].
+  const mx::array& a = inputs[0];
+  const mx::array& b = inputs[1];
+  const int64_t M = a.shape(-2), K = a.shape(-1), N = b.shape(-1);
+  const int64_t lhs_batches = static_cast<int64_t>(a.size()) / (M * K);
+  const int64_t num_experts = static_cast<int64_t>(b.size()) / (K * N);
+  const int64_t entries = static_cast<int64_t>(inputs[2].size());
+  if (out.size() == 0) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    return;
+  }
+  // An entry whose rhs id is out of range is in no expert's rows and is not
+  // written; a bad id anywhere empties the routing. NaN first, so such
+  // outputs cannot pass for numbers (the GPU cannot raise mid-evaluation).
+  mx::array nan(std::numeric_limits<float>::quiet_NaN(), out.dtype());
+  encoder.add_temporary(nan);
+  mx::fill_gpu(nan, out, s);
+
+  // The kernels read x [lhs_batches * M, K] and w [E, N, K] densely: b^T is
+  // row-contiguous when b is a transposed view of [E, N, K] weights (mlx-lm's
+  // SwitchLinear: no copy); any other layout is copied once per call.
+  const mx::array x = metal::row_contiguous(a, encoder, s);
+  const mx::array w = metal::row_contiguous(mx::swapaxes_in_eval(b, -1, -2), encoder, s);
+  const mx::array lhs = metal::row_contiguous(inputs[2], encoder, s);
+  const mx::array rhs = metal::row_contiguous(inputs[3], encoder, s);
+
+  mx::array order = metal::temporary(encoder, {static_cast<int>(entries)}, mx::uint32);
+  mx::array offsets = metal::temporary(encoder, {static_cast<int>(num_experts + 1)}, mx::uint32);
+  mx::array sorted_experts = metal::temporary(encoder, {static_cast<int>(entries)}, mx::uint32);
+  mx::array status = metal::temporary(encoder, {1}, mx::uint32);
+  metal::encode_route(
+      device, encoder, rhs, static_cast<int>(num_experts), order, offsets, sorted_experts, status);
+
+  // Rows per expert are only known on the GPU: plan for the worst case (all
+  // entries on one expert).
+  const int64_t rows = entries * M;
+  const auto plan = metal::plan_gather_mm(rows, rows, N, K, num_experts, out.dtype(), M, lhs_batches);
+  if (metal::empty_grid(plan.grid)) {
+    return;
+  }
+  metal::use_pipeline(encoder, metal::pipeline(device, plan.kernel), plan.kernel, plan.threads);
+  // Buffers as gather_mm.metal: 0 x, 1 w, 2 offsets, 3 out, 4 params, 5 order, 6 lhs.
+  encoder.set_input_array(x, 0);
+  encoder.set_input_array(w, 1);
+  encoder.set_input_array(offsets, 2);
+  encoder.set_output_array(out, 3);
+  encoder.set_bytes(plan.params, 4);
+  encoder.set_input_array(order, 5);
+  encoder.set_input_array(lhs, 6);
+  encoder.set_threadgroup_memory_length(plan.threadgroup_memory, 0);
+  metal::dispatch(encoder, plan.grid, plan.threads);
 }
 
 void GatherQMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {

@@ -5,7 +5,6 @@
 #include <stdexcept>
 
 #include <mlx/allocator.h>
-#include <mlx/backend/gpu/copy.h>
 #include <mlx/backend/metal/device.h>
 
 #include "metal/dispatch.h"
@@ -20,12 +19,7 @@ namespace {
 // views of one fused gate_up weight are not, so they are copied (the layers
 // keep separate gate and up weights, which need no copy).
 mx::array dense(const mx::array& a, mx::metal::CommandEncoder& encoder, const mx::Stream& s) {
-  if (a.flags().row_contiguous) {
-    return a;
-  }
-  mx::array copy = mx::contiguous_copy_gpu(a, s);
-  encoder.add_temporary(copy);
-  return copy;
+  return metal::row_contiguous(a, encoder, s);
 }
 
 void set_threadgroup_memory(mx::metal::CommandEncoder& encoder, const metal::SwitchGluLaunch& launch) {
@@ -107,9 +101,7 @@ void MoeDownCombine::eval_gpu(const std::vector<mx::array>& inputs, mx::array& o
   const bool two_step = !plan.combine.kernel.empty();
   std::optional<mx::array> scratch;
   if (two_step) {
-    scratch = mx::array({static_cast<int>(slots), static_cast<int>(D)}, mx::float32, nullptr, {});
-    scratch->set_data(mx::allocator::malloc(scratch->nbytes()));
-    encoder.add_temporary(*scratch);
+    scratch = metal::temporary(encoder, {static_cast<int>(slots), static_cast<int>(D)}, mx::float32);
   }
   metal::use_pipeline(encoder, metal::pipeline(device, launch.kernel), launch.kernel, launch.threads);
   // Buffers as switch_glu.metal: 0 hidden, 1 down, 2 order, 3 offsets,
