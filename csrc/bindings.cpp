@@ -131,9 +131,11 @@ NB_MODULE(_ext, m) {
   m.def(
       "_plan_gather_qmm",
       [](int64_t rows, int64_t max_rows_per_expert, int64_t N, int64_t K, int64_t num_experts,
-         int group_size, int bits, const std::string& mode, mx::Dtype dtype) {
+         int group_size, int bits, const std::string& mode, mx::Dtype dtype, int64_t rows_per_index,
+         int64_t lhs_batches) {
         auto plan = mlx_moe::metal::plan_gather_qmm(
-            rows, max_rows_per_expert, N, K, num_experts, group_size, bits, mode, dtype);
+            rows, max_rows_per_expert, N, K, num_experts, group_size, bits, mode, dtype, rows_per_index,
+            lhs_batches);
         nb::dict d;
         d["kernel"] = plan.kernel;
         d["grid"] = nb::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
@@ -154,6 +156,8 @@ NB_MODULE(_ext, m) {
       "bits"_a,
       "mode"_a,
       "dtype"_a,
+      "rows_per_index"_a = 1,
+      "lhs_batches"_a = -1,
       "Private: the Metal launch plan of the quantized gather_mm, decode path (kernel, grid, threads, threadgroup memory, params bytes).");
 
   m.def(

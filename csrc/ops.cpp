@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "metal/gather_mm_plan.h"
+#include "metal/gather_qmm_plan.h"
 #include "metal/route_plan.h"
 #include "metal/switch_glu_plan.h"
 #include "primitives.h"
@@ -80,6 +81,41 @@ bool metal_gather_mm(const mx::Stream& stream, const mx::array& a, const mx::arr
   try {
     metal::plan_route(static_cast<int64_t>(lhs.size()), num_experts);
     metal::plan_gather_mm(rows, rows, N, K, num_experts, dtype, M, lhs_batches);
+    return true;
+  } catch (const std::invalid_argument&) {
+    return false;
+  }
+}
+
+// Whether gather_qmm runs on `stream` with our Metal decode kernel: as
+// metal_gather_mm, plus transpose=True (w [..., N, K * bits / 32]), a format
+// the kernel has (affine 2-6/8 bits, mxfp4) and at most 8 rows in all (the
+// decode kernel's row tile; no quantized prefill kernel yet).
+bool metal_gather_qmm(
+    const mx::Stream& stream,
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& lhs,
+    const QuantizationFormat& f,
+    bool transpose,
+    int64_t N,
+    mx::Dtype dtype) {
+  if (!metal_builds() || stream.device != mx::Device::gpu || !transpose) {
+    return false;
+  }
+  const int64_t M = x.shape(-2), K = x.shape(-1);
+  if (M < 1 || K < 1 || N < 1) {
+    return false;
+  }
+  const int64_t lhs_batches = static_cast<int64_t>(x.size()) / (M * K);
+  const int64_t num_experts = static_cast<int64_t>(w.size()) / (N * w.shape(-1));
+  const int64_t rows = static_cast<int64_t>(lhs.size()) * M;
+  if (lhs_batches < 1 || num_experts < 1) {
+    return false;
+  }
+  try {
+    metal::plan_route(static_cast<int64_t>(lhs.size()), num_experts);
+    metal::plan_gather_qmm(rows, rows, N, K, num_experts, f.group_size, f.bits, f.mode, dtype, M, lhs_batches);
     return true;
   } catch (const std::invalid_argument&) {
     return false;
@@ -419,10 +455,13 @@ mx::array gather_qmm(
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   const QuantizationFormat f = quantization_format(group_size, bits, mode, "gather_qmm");
-  if (!has_kernels_for(stream)) {
+  auto mlx_gather_qmm = [&, x_in = x, w_in = w, scales_in = scales, biases_in = biases]() {
     return mx::gather_qmm(
-        x, w, scales, biases, lhs_indices_in, rhs_indices_in, transpose, f.group_size, f.bits,
+        x_in, w_in, scales_in, biases_in, lhs_indices_in, rhs_indices_in, transpose, f.group_size, f.bits,
         f.mode, std::nullopt, sorted_indices, stream);
+  };
+  if (!has_kernels_for(stream) && !metal_builds()) {
+    return mlx_gather_qmm();
   }
   check_quantized_weight(w, scales, biases, f, "gather_qmm", "w");
   if (x.ndim() < 2) {
@@ -462,6 +501,9 @@ mx::array gather_qmm(
   const bool lhs_is_identity = !lhs_indices_in && broadcast[0].shape() == lhs.shape();
   lhs = broadcast[0];
   rhs = broadcast[1];
+  if (!has_kernels_for(stream) && !metal_gather_qmm(stream, x, w, lhs, f, transpose, N, out_type)) {
+    return mlx_gather_qmm();
+  }
 
   auto out_shape = lhs.shape();
   out_shape.push_back(x.shape(-2));
@@ -824,8 +866,9 @@ mx::array switch_glu_quantized(
       if (in.size() == 3) {
         biases = in[2];
       }
-      return mx::gather_qmm(a, in[0], in[1], biases, lhs, idx, true, f.group_size, f.bits, f.mode,
-                            std::nullopt, false, stream);
+      // Our op: on a Metal GPU its decode kernel when the call is small
+      // enough (decode steps), else MLX's gather_qmm.
+      return gather_qmm(a, in[0], in[1], biases, lhs, idx, true, f.group_size, f.bits, f.mode, false, stream);
     };
     auto rows = mx::expand_dims(x2, 1, stream);
     auto token_of_slot = mx::broadcast_to(

@@ -127,3 +127,33 @@ def test_gpu_matches_cpu_kernels_closely():
     cpu = switch_glu(*p.args(True), stream=mx.cpu)
     np.testing.assert_allclose(np.array(gpu), np.array(cpu), rtol=1e-5, atol=1e-5)
 
+
+
+# ------------------------------------------------------------ gather_qmm
+@pytest.mark.parametrize("bits,group_size,mode", [(4, 64, "affine"), (8, 32, "affine"), (3, 128, "affine"), (4, 32, "mxfp4")])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_gpu_gather_qmm_decode(dtype, bits, group_size, mode):
+    """One token, top-8 (the decode kernel): against MLX's gather_qmm on the CPU."""
+    E, N, K = 16, 40, 256
+    x = rand((1, 1, 1, K), dtype, 1)
+    w = rand((E, N, K), mx.float32, 2)
+    packed = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+    scales = packed[1] if mode == "mxfp4" else packed[1].astype(dtype)
+    biases = None if mode == "mxfp4" else packed[2].astype(dtype)
+    idx = indices(np.random.default_rng(0).permutation(E)[:8].reshape(1, 8))
+    args = (x, packed[0], scales, biases, None, idx)
+    kw = dict(transpose=True, group_size=group_size, bits=bits, mode=mode)
+    ours = mlx_moe_kernels.gather_qmm(*args, **kw, stream=mx.gpu)
+    theirs = mx.gather_qmm(*args, **kw, stream=mx.cpu)
+    tol = 1e-4 if dtype == mx.float32 else 2e-2
+    np.testing.assert_allclose(to_f64(ours), to_f64(theirs), rtol=tol, atol=tol)
+
+
+def test_gpu_gather_qmm_prefill_falls_back_to_mlx():
+    """More than 8 rows: no quantized prefill kernel, MLX's gather_qmm."""
+    x = rand((20, 1, 1, 128), mx.float16, 3)
+    wq, s, b = mx.quantize(rand((4, 32, 128), mx.float32, 4), group_size=64, bits=4)
+    idx = indices(np.random.default_rng(1).integers(0, 4, (20, 2)))
+    ours = mlx_moe_kernels.gather_qmm(x, wq, s, b, None, idx, transpose=True, group_size=64, bits=4, stream=mx.gpu)
+    theirs = mx.gather_qmm(x, wq, s, b, None, idx, transpose=True, group_size=64, bits=4, stream=mx.cpu)
+    np.testing.assert_allclose(to_f64(ours), to_f64(theirs), rtol=2e-2, atol=2e-2)

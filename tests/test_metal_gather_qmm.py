@@ -79,13 +79,27 @@ def nan_buffer(shape, dtype: str) -> np.ndarray:
 class Case:
     """One quantized gather_mm problem: inputs, float64 oracle, plan."""
 
-    def __init__(self, counts, N, K, dtype, bits=4, group_size=64, mode="affine", seed=0):
-        self.counts, self.N, self.K, self.dtype = list(counts), N, K, dtype
-        self.E, self.rows = len(counts), int(sum(counts))
+    def __init__(self, counts, N, K, dtype, bits=4, group_size=64, mode="affine", seed=0, M=1, identity=False):
+        """counts: index entries per expert, M rows each. The entries are
+        shuffled (order) and read random x matrices (lhs, with repeats)
+        unless ``identity`` (x rows grouped by expert), as in
+        test_metal_gather_mm.Case."""
+        self.counts, self.N, self.K, self.dtype, self.M = list(counts), N, K, dtype, M
+        self.E, self.entries = len(counts), int(sum(counts))
+        self.rows = self.entries * M
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
+        rng = np.random.default_rng(seed)
+        if identity:
+            self.order = np.arange(self.entries, dtype=np.uint32)
+            self.lhs = np.arange(self.entries, dtype=np.uint32)
+            self.lhs_batches = self.entries
+        else:
+            self.order = rng.permutation(self.entries).astype(np.uint32)
+            self.lhs_batches = self.entries + 2
+            self.lhs = rng.integers(0, self.lhs_batches, self.entries).astype(np.uint32)
         key = mx.random.key(seed)
         kx, kw = mx.random.split(key)
-        x = mx.random.normal((self.rows, K), key=kx).astype(MX_DTYPE[dtype])
+        x = mx.random.normal((self.lhs_batches * M, K), key=kx).astype(MX_DTYPE[dtype])
         w = mx.random.normal((self.E, N, K), key=kw)
         qa = dict(group_size=group_size, bits=bits, mode=mode)
         if mode == "affine":
@@ -113,17 +127,22 @@ class Case:
         self.exact = np.zeros((self.rows, N))
         self.mag = np.zeros((self.rows, N))
         for e in range(self.E):
-            r0, r1 = self.offsets[e], self.offsets[e + 1]
-            self.exact[r0:r1] = xv[r0:r1] @ wv[e].T
-            self.mag[r0:r1] = np.abs(xv[r0:r1]) @ wabs[e].T
-        self.plan = _ext._plan_gather_qmm(self.rows, max(counts), N, K, self.E, group_size, bits, mode, MX_DTYPE[dtype])
+            for pos in range(self.offsets[e], self.offsets[e + 1]):
+                i, b = int(self.order[pos]), int(self.lhs[self.order[pos]])
+                xr = xv[b * M:(b + 1) * M]
+                self.exact[i * M:(i + 1) * M] = xr @ wv[e].T
+                self.mag[i * M:(i + 1) * M] = np.abs(xr) @ wabs[e].T
+        self.plan = _ext._plan_gather_qmm(
+            self.rows, max(counts) * M, N, K, self.E, group_size, bits, mode, MX_DTYPE[dtype], M, self.lhs_batches)
 
     def run(self, lib, **launch):
         out = nan_buffer((self.rows, self.N), self.dtype)
         p = self.plan
+        order = self.order if self.order.size else np.zeros(1, np.uint32)
+        lhs = self.lhs if self.lhs.size else np.zeros(1, np.uint32)
         res = lib.launch(
             p["kernel"],
-            [self.x, self.w, self.scales, self.biases, self.offsets, out, p["params"]],
+            [self.x, self.w, self.scales, self.biases, self.offsets, out, p["params"], order, lhs],
             threadgroups=p["grid"],
             threads_per_threadgroup=p["threads"],
             threadgroup_memory=[p["threadgroup_memory"]],
@@ -203,6 +222,26 @@ def test_mxfp4(sim, dtype):
     got, res = case.run(sim(race_check=False))
     assert res.diagnostics == []
     case.assert_close(got)
+
+
+def test_rows_per_index_and_bad_lhs(sim):
+    """M = 2 rows per index entry (4 entries on 3 experts: at most 4 rows per
+    expert), shuffled entries; then one entry's lhs id out of range reads NaN
+    for its rows only."""
+    case = Case([2, 1, 0, 1], 36, 256, "float16", 4, 64, seed=31, M=2)
+    assert case.plan["kernel"].endswith("_bm4")
+    got, res = case.run(sim(race_check=True), schedule="random", seed=4, preempt=0.2)
+    assert res.diagnostics == [], res.diagnostics
+    case.assert_close(got)
+    bad_entry = int(case.order[1])
+    case.lhs[bad_entry] = case.lhs_batches + 5
+    got, res = case.run(sim(race_check=True))
+    assert res.diagnostics == [], res.diagnostics
+    bad_rows = slice(2 * bad_entry, 2 * bad_entry + 2)
+    assert np.isnan(got[bad_rows]).all()
+    keep = np.ones(case.rows, bool)
+    keep[bad_rows] = False
+    assert (np.abs(got[keep] - case.exact[keep]) <= case.bound()[keep]).all()
 
 
 def test_no_rows_launches_nothing():

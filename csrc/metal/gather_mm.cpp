@@ -4,8 +4,9 @@
 // reads each entry's M rows of a through order and lhs, and writes its
 // output rows in place: no gathered copy of a, no scatter of out.
 //
-// GatherQMM has no Metal dispatch yet (a decode kernel exists, prefill
-// does not): ops.cpp sends gather_qmm on GPU streams to mx.gather_qmm.
+// GatherQMM::eval_gpu: the same with gather_qmm.metal's decode kernel
+// (at most 8 rows in all; there is no quantized prefill kernel yet, so
+// ops.cpp sends larger calls to mx.gather_qmm).
 #include <limits>
 #include <stdexcept>
 
@@ -15,6 +16,7 @@
 
 #include "metal/dispatch.h"
 #include "metal/gather_mm_plan.h"
+#include "metal/gather_qmm_plan.h"
 #include "primitives.h"
 
 namespace mlx_moe {
@@ -78,10 +80,62 @@ void GatherMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   metal::dispatch(encoder, plan.grid, plan.threads);
 }
 
-void GatherQMM::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  throw std::logic_error(
-      "[gather_qmm] no Metal dispatch for gather_qmm yet; ops.cpp should have used "
-      "mx.gather_qmm on this stream");
+void GatherQMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& s = stream();
+  auto& device = mx::metal::device(s.device);
+  auto& encoder = mx::metal::get_command_encoder(s);
+  // Inputs: x [..., M, K], w [..., N, K * bits / 32] (ops.cpp sends only
+  // transpose=True here), scales, [biases], lhs_indices, rhs_indices.
+  // Decode only: at most 8 rows in all (ops.cpp checked the plan accepts).
+  const bool has_biases = inputs.size() == 6;
+  const mx::array& x_in = inputs[0];
+  const mx::array& w = inputs[1];
+  const int64_t M = x_in.shape(-2), K = x_in.shape(-1), N = w.shape(-2);
+  const int64_t lhs_batches = static_cast<int64_t>(x_in.size()) / (M * K);
+  const int64_t num_experts = static_cast<int64_t>(w.size()) / (N * w.shape(-1));
+  const int64_t entries = static_cast<int64_t>(inputs[inputs.size() - 2].size());
+  if (out.size() == 0) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    return;
+  }
+  mx::array nan(std::numeric_limits<float>::quiet_NaN(), out.dtype());
+  encoder.add_temporary(nan);
+  mx::fill_gpu(nan, out, s);  // as GatherMM: rows a bad id leaves unwritten stay NaN
+
+  const mx::array x = metal::row_contiguous(x_in, encoder, s);
+  const mx::array packed = metal::row_contiguous(w, encoder, s);
+  const mx::array scales = metal::row_contiguous(inputs[2], encoder, s);
+  const mx::array biases = has_biases ? metal::row_contiguous(inputs[3], encoder, s) : scales;
+  const mx::array lhs = metal::row_contiguous(inputs[inputs.size() - 2], encoder, s);
+  const mx::array rhs = metal::row_contiguous(inputs[inputs.size() - 1], encoder, s);
+
+  mx::array order = metal::temporary(encoder, {static_cast<int>(entries)}, mx::uint32);
+  mx::array offsets = metal::temporary(encoder, {static_cast<int>(num_experts + 1)}, mx::uint32);
+  mx::array sorted_experts = metal::temporary(encoder, {static_cast<int>(entries)}, mx::uint32);
+  mx::array status = metal::temporary(encoder, {1}, mx::uint32);
+  metal::encode_route(
+      device, encoder, rhs, static_cast<int>(num_experts), order, offsets, sorted_experts, status);
+
+  const int64_t rows = entries * M;
+  const auto plan = metal::plan_gather_qmm(
+      rows, rows, N, K, num_experts, group_size_, bits_, mode_, out.dtype(), M, lhs_batches);
+  if (metal::empty_grid(plan.grid)) {
+    return;
+  }
+  metal::use_pipeline(encoder, metal::pipeline(device, plan.kernel), plan.kernel, plan.threads);
+  // Buffers as gather_qmm.metal: 0 x, 1 w, 2 scales, 3 biases (mxfp4: unused,
+  // the scales bound in their place), 4 offsets, 5 out, 6 params, 7 order, 8 lhs.
+  encoder.set_input_array(x, 0);
+  encoder.set_input_array(packed, 1);
+  encoder.set_input_array(scales, 2);
+  encoder.set_input_array(biases, 3);
+  encoder.set_input_array(offsets, 4);
+  encoder.set_output_array(out, 5);
+  encoder.set_bytes(plan.params, 6);
+  encoder.set_input_array(order, 7);
+  encoder.set_input_array(lhs, 8);
+  encoder.set_threadgroup_memory_length(plan.threadgroup_memory, 0);
+  metal::dispatch(encoder, plan.grid, plan.threads);
 }
 
 }  // namespace mlx_moe

@@ -1,10 +1,13 @@
 // Quantized gather_mm on Apple GPUs, decode path, mlx-lm's QuantizedSwitchLinear
 // layout:
 //
-//   out[i, :] = x[i, :] @ dequant(w[e_i])^T   x [rows, K], out [rows, N]
+//   out[i * M + m, :] = x[lhs[i] * M + m, :] @ dequant(w[rhs[i]])^T
 //
-// with the rows of x grouped by expert (expert e owns rows offsets[e] ..
-// offsets[e + 1], offsets uint32 [E + 1]) and w quantized as mx.quantize
+// for every index entry i (M rows each), the entries grouped by expert
+// through the routing as in gather_mm.metal (order[p]: the entry at sorted
+// position p; expert e owns positions offsets[e] .. offsets[e + 1], i.e.
+// sorted rows offsets[e] * M .. offsets[e + 1] * M; an lhs id >=
+// lhs_batches reads NaN), and w quantized as mx.quantize
 // packs it (csrc/cpu/quantized.h): each weight row is a little-endian bit
 // stream of `bits`-bit codes ([E, N, K * bits / 32] uint32), groups of
 // group_size consecutive elements share a scale (and a bias):
@@ -14,7 +17,8 @@
 //
 // Buffers: 0 x, 1 w (packed, uint32), 2 scales (T, or uint8 for mxfp4),
 // 3 biases (T; unused by mxfp4, but something must be bound), 4 offsets,
-// 5 out, 6 GatherQMMParams; threadgroup(0): the staged x rows. The launch
+// 5 out, 6 GatherQMMParams, 7 order, 8 lhs; threadgroup(0): the staged x
+// rows. The launch
 // (kernel, grid, threads, threadgroup memory, params) comes from
 // plan_gather_qmm (gather_qmm_plan.cpp).
 //
@@ -104,8 +108,24 @@ inline uint qmm_code(thread const uint (&wd)[BITS], int j) {
   return v & ((1u << BITS) - 1u);
 }
 
-// Grid: (ceil(N / (simdgroups * QMM_COLS)), E, 1). Threadgroup (t, e): rows
-// offsets[e] .. offsets[e + 1] (at most BM), columns of column tile t.
+// Sorted row r: element k of its x row (NaN for an lhs id out of range),
+// and its output row.
+template <typename T>
+inline T qmm_gathered_x(device const T* x, device const uint* order, device const uint* lhs,
+                        constant GatherQMMParams& p, uint r, uint k) {
+  const uint M = p.rows_per_index;
+  const uint batch = lhs[order[r / M]];
+  return batch < p.lhs_batches ? x[(ulong(batch) * M + r % M) * p.K + k] : T(NAN);
+}
+
+inline ulong qmm_output_row(device const uint* order, constant GatherQMMParams& p, uint r) {
+  const uint M = p.rows_per_index;
+  return ulong(order[r / M]) * M + r % M;
+}
+
+// Grid: (ceil(N / (simdgroups * QMM_COLS)), E, 1). Threadgroup (t, e): sorted
+// rows offsets[e] * M .. offsets[e + 1] * M (at most BM), columns of column
+// tile t.
 // BITS: code width (4 with FP4 = mxfp4 e2m1 codes and E8M0 scales).
 template <typename T, int BM, int BITS, bool FP4>
 [[kernel]] void gather_qmm_decode(
@@ -116,6 +136,8 @@ template <typename T, int BM, int BITS, bool FP4>
     device const uint* offsets [[buffer(4)]],
     device T* out [[buffer(5)]],
     constant GatherQMMParams& p [[buffer(6)]],
+    device const uint* order [[buffer(7)]],
+    device const uint* lhs [[buffer(8)]],
     threadgroup T* xs [[threadgroup(0)]],
     uint3 tg [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -124,8 +146,8 @@ template <typename T, int BM, int BITS, bool FP4>
     uint nsg [[simdgroups_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   const uint e = tg.y;
-  const uint row0 = offsets[e] + tg.z * BM;
-  const uint row_end = offsets[e + 1];
+  const uint row0 = offsets[e] * p.rows_per_index + tg.z * BM;
+  const uint row_end = offsets[e + 1] * p.rows_per_index;
   if (row0 >= row_end) {
     return;  // no rows for this expert: the whole threadgroup leaves
   }
@@ -158,7 +180,7 @@ template <typename T, int BM, int BITS, bool FP4>
     for (uint i = tid; i < uint(BM) * kc; i += ntid) {
       const uint m = i / kc;
       const uint k = i - m * kc;
-      xs[m * stride + k] = m < nrows ? x[ulong(row0 + m) * p.K + k0 + k] : T(0.0f);
+      xs[m * stride + k] = m < nrows ? qmm_gathered_x(x, order, lhs, p, row0 + m, k0 + k) : T(0.0f);
     }
 #ifndef GATHER_QMM_FAULT_NO_X_BARRIER
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -229,7 +251,7 @@ template <typename T, int BM, int BITS, bool FP4>
       }
       const float v = simd_sum(acc[m][c]);
       if (lane == (uint(m) * QMM_COLS + c) % QMM_SIMD_WIDTH) {
-        out[ulong(row0 + m) * p.N + n] = T(v);
+        out[qmm_output_row(order, p, row0 + m) * p.N + n] = T(v);
       }
     }
   }

@@ -19,9 +19,12 @@ struct GatherQMMParams {
   uint32_t group_size;   // elements sharing one scale (and bias): 32, 64 or 128
   uint32_t bits;         // code width (informational: the kernel is specialised on it)
   uint32_t groups;       // K / group_size: scales (and biases) per weight row
+  uint32_t rows_per_index;  // M: rows of x (and out) per index entry
+  uint32_t lhs_batches;     // matrices of x ([lhs_batches * M, K]); an lhs id >= this reads NaN
+  uint32_t reserved[2];     // keeps the struct a multiple of 16 bytes
 };
 
 #ifndef __METAL_VERSION__
-static_assert(sizeof(GatherQMMParams) == 32, "GatherQMMParams must match the MSL layout");
+static_assert(sizeof(GatherQMMParams) == 48, "GatherQMMParams must match the MSL layout");
 }  // namespace mlx_moe::metal
 #endif

@@ -37,7 +37,9 @@ GatherQMMLaunch plan_gather_qmm(
     int group_size,
     int bits,
     const std::string& mode,
-    mlx::core::Dtype dtype) {
+    mlx::core::Dtype dtype,
+    int64_t rows_per_index,
+    int64_t lhs_batches) {
   auto [type_name, type_size] = type_of(dtype);
   std::string variant;
   if (mode == "affine") {
@@ -65,6 +67,14 @@ GatherQMMLaunch plan_gather_qmm(
   if (rows > 0 && max_rows_per_expert < 1) {
     throw std::invalid_argument("[gather_qmm] max_rows_per_expert must be >= 1 when there are rows");
   }
+  if (rows_per_index < 1 || rows % rows_per_index != 0) {
+    throw std::invalid_argument("[gather_qmm] rows must be a multiple of rows_per_index >= 1");
+  }
+  if (lhs_batches < 0) {
+    lhs_batches = rows / rows_per_index;
+  }
+  // Row numbers are 32-bit in the kernel, element offsets 64-bit.
+  to_u32(lhs_batches * rows_per_index, "lhs_batches * rows_per_index");
   const int64_t max_rows = std::min(max_rows_per_expert, rows);
   if (max_rows > kQmmDecodeMaxRowsPerExpert) {
     throw std::invalid_argument("[gather_qmm] the Metal decode kernel takes at most 8 rows per expert");
@@ -85,6 +95,8 @@ GatherQMMLaunch plan_gather_qmm(
   plan.params.group_size = static_cast<uint32_t>(group_size);
   plan.params.bits = static_cast<uint32_t>(bits);
   plan.params.groups = to_u32(K / group_size, "K / group_size");
+  plan.params.rows_per_index = to_u32(rows_per_index, "rows_per_index");
+  plan.params.lhs_batches = to_u32(lhs_batches, "lhs_batches");
   plan.block_rows = static_cast<uint32_t>(bm);
   plan.block_cols = kQmmDecodeThreads / 32 * kQmmColsPerSimdgroup;
   plan.threads = {kQmmDecodeThreads, 1, 1};

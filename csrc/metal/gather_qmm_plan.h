@@ -1,7 +1,7 @@
 // The launch plan of the quantized gather_mm Metal kernels, decode path
 // (gather_qmm.metal): kernel, grid, threadgroup size, threadgroup memory and
-// constant-buffer parameters. Plain C++ with no Metal types: the future
-// Metal dispatch and the simulator tests (tests/test_metal_gather_qmm.py,
+// constant-buffer parameters. Plain C++ with no Metal types: the Metal
+// dispatch (GatherQMM::eval_gpu) and the simulator tests (tests/test_metal_gather_qmm.py,
 // through _ext._plan_gather_qmm) launch exactly what this returns.
 #pragma once
 
@@ -36,12 +36,15 @@ struct GatherQMMLaunch {
   GatherQMMParams params{};           // [[buffer(6)]], sent as is
 };
 
-// x [rows, K] (grouped by expert), packed w [num_experts, N, K * bits / 32]
+// rows = entries * rows_per_index (M), the rows of out; x [lhs_batches * M,
+// K] (lhs_batches < 0: rows / M); packed w [num_experts, N, K * bits / 32]
 // uint32, scales/biases [num_experts, N, K / group_size], out [rows, N].
-// mode: "affine" (bits 2, 3, 4, 5, 6, 8; group_size 32, 64, 128) or "mxfp4"
-// (bits 4, group_size 32). K must be a multiple of group_size;
-// max_rows_per_expert <= 8. Throws std::invalid_argument otherwise or for
-// an unsupported dtype (float32, float16, bfloat16).
+// Buffers: x, w, scales, biases, offsets (over entries), out, params, order,
+// lhs (as gather_mm_plan.h). mode: "affine" (bits 2, 3, 4, 5, 6, 8;
+// group_size 32, 64, 128) or "mxfp4" (bits 4, group_size 32). K must be a
+// multiple of group_size; max_rows_per_expert <= 8. Throws
+// std::invalid_argument otherwise or for an unsupported dtype (float32,
+// float16, bfloat16).
 GatherQMMLaunch plan_gather_qmm(
     int64_t rows,
     int64_t max_rows_per_expert,
@@ -51,6 +54,8 @@ GatherQMMLaunch plan_gather_qmm(
     int group_size,
     int bits,
     const std::string& mode,
-    mlx::core::Dtype dtype);
+    mlx::core::Dtype dtype,
+    int64_t rows_per_index = 1,
+    int64_t lhs_batches = -1);
 
 }  // namespace mlx_moe::metal
