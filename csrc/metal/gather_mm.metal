@@ -184,6 +184,9 @@ template <typename T, int BM>
           wv[c] = *(device const uint4*)(wrow[c] + k0 + k);
         }
         for (int m = 0; m < BM; ++m) {
+          if (uint(m) >= nrows) {
+            break;  // uniform: the staged rows past the expert's are zeros
+          }
           const uint4 xv = *(threadgroup const uint4*)(xs + m * stride + k);
           for (uint c = 0; c < DECODE_COLS; ++c) {
             acc[m][c] += dot16<T>(wv[c], xv);
@@ -197,6 +200,9 @@ template <typename T, int BM>
           wv[c] = float(wrow[c][k0 + k]);
         }
         for (int m = 0; m < BM; ++m) {
+          if (uint(m) >= nrows) {
+            break;  // uniform: the staged rows past the expert's are zeros
+          }
           const float xv = float(xs[m * stride + k]);
           for (uint c = 0; c < DECODE_COLS; ++c) {
             acc[m][c] = fma(wv[c], xv, acc[m][c]);

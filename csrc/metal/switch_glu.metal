@@ -161,6 +161,9 @@ template <typename T, int BM>
           uv[c] = *(device const uint4*)(urow[c] + k0 + k);
         }
         for (int m = 0; m < BM; ++m) {
+          if (uint(m) >= nrows) {
+            break;  // uniform: the staged rows past the expert's are zeros
+          }
           const uint4 xv = *(threadgroup const uint4*)(xs + m * stride + k);
           for (uint c = 0; c < SWITCH_COLS; ++c) {
             ga[m][c] += switch_dot16<T>(gv[c], xv);
@@ -177,6 +180,9 @@ template <typename T, int BM>
           uv[c] = float(urow[c][k0 + k]);
         }
         for (int m = 0; m < BM; ++m) {
+          if (uint(m) >= nrows) {
+            break;  // uniform: the staged rows past the expert's are zeros
+          }
           const float xv = float(xs[m * stride + k]);
           for (uint c = 0; c < SWITCH_COLS; ++c) {
             ga[m][c] = fma(gv[c], xv, ga[m][c]);
@@ -280,6 +286,9 @@ inline void moe_down_decode_body(
               wv[c] = *(device const uint4*)(drow[c] + k0 + k);
             }
             for (int m = 0; m < BM; ++m) {
+              if (uint(m) >= nrows) {
+                break;  // uniform: the staged rows past the expert's are zeros
+              }
               const uint4 hv = *(threadgroup const uint4*)(hs + m * stride + k);
               for (uint c = 0; c < SWITCH_COLS; ++c) {
                 acc[m][c] += switch_dot16<T>(wv[c], hv);
@@ -293,6 +302,9 @@ inline void moe_down_decode_body(
               wv[c] = float(drow[c][k0 + k]);
             }
             for (int m = 0; m < BM; ++m) {
+              if (uint(m) >= nrows) {
+                break;  // uniform: the staged rows past the expert's are zeros
+              }
               const float hv = float(hs[m * stride + k]);
               for (uint c = 0; c < SWITCH_COLS; ++c) {
                 acc[m][c] = fma(wv[c], hv, acc[m][c]);
