@@ -138,6 +138,7 @@ NB_MODULE(_ext, m) {
             lhs_batches);
         nb::dict d;
         d["kernel"] = plan.kernel;
+        d["prefill"] = plan.prefill;
         d["grid"] = nb::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
         d["threads"] = nb::make_tuple(plan.threads[0], plan.threads[1], plan.threads[2]);
         d["threadgroup_memory"] = plan.threadgroup_memory;

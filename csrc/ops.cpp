@@ -87,10 +87,9 @@ bool metal_gather_mm(const mx::Stream& stream, const mx::array& a, const mx::arr
   }
 }
 
-// Whether gather_qmm runs on `stream` with our Metal decode kernel: as
-// metal_gather_mm, plus transpose=True (w [..., N, K * bits / 32]), a format
-// the kernel has (affine 2-6/8 bits, mxfp4) and at most 8 rows in all (the
-// decode kernel's row tile; no quantized prefill kernel yet).
+// Whether gather_qmm runs on `stream` with our Metal kernels: as
+// metal_gather_mm, plus transpose=True (w [..., N, K * bits / 32]) and a
+// format the kernels have (affine 2-6/8 bits, mxfp4).
 bool metal_gather_qmm(
     const mx::Stream& stream,
     const mx::array& x,
@@ -866,8 +865,7 @@ mx::array switch_glu_quantized(
       if (in.size() == 3) {
         biases = in[2];
       }
-      // Our op: on a Metal GPU its decode kernel when the call is small
-      // enough (decode steps), else MLX's gather_qmm.
+      // Our op: on a Metal GPU our kernels, elsewhere MLX's gather_qmm.
       return gather_qmm(a, in[0], in[1], biases, lhs, idx, true, f.group_size, f.bits, f.mode, false, stream);
     };
     auto rows = mx::expand_dims(x2, 1, stream);

@@ -149,8 +149,8 @@ def test_gpu_gather_qmm_decode(dtype, bits, group_size, mode):
     np.testing.assert_allclose(to_f64(ours), to_f64(theirs), rtol=tol, atol=tol)
 
 
-def test_gpu_gather_qmm_prefill_falls_back_to_mlx():
-    """More than 8 rows: no quantized prefill kernel, MLX's gather_qmm."""
+def test_gpu_gather_qmm_prefill():
+    """More than 8 rows per expert: the quantized prefill kernel."""
     x = rand((20, 1, 1, 128), mx.float16, 3)
     wq, s, b = mx.quantize(rand((4, 32, 128), mx.float32, 4), group_size=64, bits=4)
     idx = indices(np.random.default_rng(1).integers(0, 4, (20, 2)))

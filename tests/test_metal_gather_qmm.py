@@ -251,7 +251,7 @@ def test_no_rows_launches_nothing():
 def test_plan_covers_the_library(sim):
     names = set(sim(race_check=False).kernels)
     for dtype in MX_DTYPE.values():
-        for max_rows in (1, 2, 3, 5, 8):
+        for max_rows in (1, 2, 3, 5, 8, 9, 64, 500):
             for K in (128, 2048, 8192):
                 for mode, bits, gs in [("affine", b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + [
                     ("mxfp4", 4, 32)
@@ -260,16 +260,62 @@ def test_plan_covers_the_library(sim):
                     assert plan["kernel"] in names
                     assert plan["threadgroup_memory"] % 16 == 0 and 0 < plan["threadgroup_memory"] <= 32768
                     assert plan["k_chunk"] % 32 == 0
+                    assert plan["prefill"] == (max_rows > 8)
     for bad in [
         (4, 1, 8, 64, 2, 64, 4, "affine", mx.int32),  # dtype
         (4, 1, 8, 64, 2, 64, 7, "affine", mx.float16),  # bits
         (4, 1, 8, 64, 2, 16, 4, "affine", mx.float16),  # group size
         (4, 1, 8, 96, 2, 64, 4, "affine", mx.float16),  # K % group_size
         (4, 1, 8, 64, 2, 64, 4, "mxfp4", mx.float16),  # mxfp4 group size
-        (40, 9, 8, 64, 2, 64, 4, "affine", mx.float16),  # more rows than decode takes
     ]:
         with pytest.raises(ValueError, match="gather_qmm"):
             _ext._plan_gather_qmm(*bad)
+
+
+# ------------------------------------------------------------- prefill
+# More than 8 rows per expert: the simdgroup_matrix kernel (32 x 32 tiles).
+PREFILL_SHAPES = {
+    # partial row tiles, an empty expert, N not a multiple of 32
+    "ragged": ([40, 0, 9, 13], 40, 256),
+    # one expert over several row tiles and a single partial column tile
+    "one_expert": ([70], 24, 128),
+}
+# Every width once, dtypes and group sizes rotating, shapes alternating.
+PREFILL_CASES = [
+    (list(PREFILL_SHAPES)[i % 2], DTYPES[i % 3], bits, (32, 64, 128)[i % 3])
+    for i, bits in enumerate([2, 3, 4, 5, 6, 8])
+]
+
+
+@pytest.mark.parametrize("shape,dtype,bits,gs", PREFILL_CASES)
+def test_gather_qmm_prefill(sim, shape, dtype, bits, gs):
+    counts, N, K = PREFILL_SHAPES[shape]
+    case = Case(counts, N, K, dtype, bits, gs, seed=zlib.crc32(f"p-{shape}-{dtype}-{bits}".encode()))
+    assert case.plan["prefill"] and case.plan["kernel"].endswith(f"_b{bits}_bm32_bn32")
+    got, res = case.run(sim(race_check=False, only=bits))
+    assert res.diagnostics == []
+    case.assert_close(got)
+
+
+def test_gather_qmm_prefill_mxfp4_rows_per_index_races(sim):
+    """mxfp4, M = 3 rows per shuffled entry, under the race detector with a
+    preempting random schedule."""
+    case = Case([5, 0, 4], 36, 128, "bfloat16", 4, 32, mode="mxfp4", seed=41, M=3)
+    assert case.plan["prefill"] and case.plan["kernel"].endswith("_mxfp4_bm32_bn32")
+    got, res = case.run(sim(race_check=True, only=1), schedule="random", seed=6, preempt=0.2)
+    assert res.diagnostics == [], res.diagnostics
+    case.assert_close(got)
+
+
+def test_prefill_faults_are_caught(sim):
+    case = Case(*PREFILL_SHAPES["ragged"], "float16", 4, 64, seed=42)
+    with pytest.raises(MetalSimError, match="data race"):
+        case.run(sim(race_check=True, only=4, GATHER_QMM_FAULT_PREFILL_NO_BARRIER=1))
+    got, _ = case.run(sim(race_check=False, only=4, GATHER_QMM_FAULT_PREFILL_NO_BARRIER=1))
+    assert not case.close(got)
+    for fault in ("GATHER_QMM_FAULT_GROUP_INDEX", "GATHER_QMM_FAULT_NO_BIAS_SUM"):
+        got, _ = case.run(sim(race_check=False, only=4, **{fault: 1}))
+        assert not case.close(got), fault
 
 
 # ----------------------------------------------------------- the tests bite

@@ -4,9 +4,8 @@
 // reads each entry's M rows of a through order and lhs, and writes its
 // output rows in place: no gathered copy of a, no scatter of out.
 //
-// GatherQMM::eval_gpu: the same with gather_qmm.metal's decode kernel
-// (at most 8 rows in all; there is no quantized prefill kernel yet, so
-// ops.cpp sends larger calls to mx.gather_qmm).
+// GatherQMM::eval_gpu: the same with gather_qmm.metal's kernels (decode up
+// to 8 rows per expert, then the simdgroup_matrix prefill kernel).
 #include <limits>
 #include <stdexcept>
 
@@ -85,8 +84,8 @@ void GatherQMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& device = mx::metal::device(s.device);
   auto& encoder = mx::metal::get_command_encoder(s);
   // Inputs: x [..., M, K], w [..., N, K * bits / 32] (ops.cpp sends only
-  // transpose=True here), scales, [biases], lhs_indices, rhs_indices.
-  // Decode only: at most 8 rows in all (ops.cpp checked the plan accepts).
+  // transpose=True here), scales, [biases], lhs_indices, rhs_indices
+  // (ops.cpp checked the plan accepts the shapes).
   const bool has_biases = inputs.size() == 6;
   const mx::array& x_in = inputs[0];
   const mx::array& w = inputs[1];

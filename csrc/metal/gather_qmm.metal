@@ -44,9 +44,10 @@
 // barrier. Columns past N read row N - 1 (valid memory) and are not stored.
 //
 // Fault toggles (tests only; each must make the simulator tests fail):
-//   GATHER_QMM_FAULT_NO_X_BARRIER   no barrier after staging x
-//   GATHER_QMM_FAULT_GROUP_INDEX    the next group's scale/bias (clamped)
-//   GATHER_QMM_FAULT_NO_BIAS_SUM    the b * sum(x) term dropped
+//   GATHER_QMM_FAULT_NO_X_BARRIER   decode: no barrier after staging x
+//   GATHER_QMM_FAULT_GROUP_INDEX    the next group's scale/bias (clamped; both kernels)
+//   GATHER_QMM_FAULT_NO_BIAS_SUM    the bias term dropped (both kernels)
+//   GATHER_QMM_FAULT_PREFILL_NO_BARRIER  prefill: no barrier after staging the tiles
 #include <metal_stdlib>
 
 #include "gather_qmm_params.h"
@@ -257,6 +258,134 @@ template <typename T, int BM, int BITS, bool FP4>
   }
 }
 
+// ------------------------------------------------------------- prefill
+// More than 8 rows per expert: compute bound, the structure of
+// gather_mm_prefill. A threadgroup of 4 simdgroups (2 x 2) owns a BM x BN
+// output tile of one expert (row tile tg.z of its sorted rows, column tile
+// tg.x). Per K step of one 32-element block it stages the x tile [BM][32]
+// and the weight tile [BN][32] in float threadgroup memory, the weights
+// dequantized there once (s * q + b in float; e2m1(q) * 2^e for mxfp4) and
+// then reused by all BM rows through simdgroup_matrix 8x8
+// multiply-accumulate (the weight tile read transposed by simdgroup_load).
+// A block never spans two groups, so one scale (and bias) per column and
+// step. Packed bytes per output row: N * K * bits / 8 / BM. The output tile
+// goes through threadgroup memory for the guarded store of partial tiles.
+// Grid (ceil(N / BN), E, ceil(max rows / BM)), QMM_PREFILL_THREADS threads;
+// threadgroup(0): max((BM + BN) * 32, BM * BN) floats.
+constant constexpr uint QMM_PREFILL_THREADS = 128;
+
+template <typename T, int BM, int BN, int BITS, bool FP4>
+[[kernel]] void gather_qmm_prefill(
+    device const T* x [[buffer(0)]],
+    device const uint* w [[buffer(1)]],
+    device const uchar* scales [[buffer(2)]],
+    device const T* biases [[buffer(3)]],
+    device const uint* offsets [[buffer(4)]],
+    device T* out [[buffer(5)]],
+    constant GatherQMMParams& p [[buffer(6)]],
+    device const uint* order [[buffer(7)]],
+    device const uint* lhs [[buffer(8)]],
+    threadgroup float* smem [[threadgroup(0)]],
+    uint3 tg [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]]) {
+  constexpr uint BK = QMM_BLOCK;
+  constexpr int SM = BM / 2, SN = BN / 2;  // each simdgroup's part of the tile
+  constexpr int TM = SM / 8, TN = SN / 8;  // ... in 8x8 matrices
+  const uint e = tg.y;
+  const uint row0 = offsets[e] * p.rows_per_index + tg.z * BM;
+  const uint row_end = offsets[e + 1] * p.rows_per_index;
+  if (row0 >= row_end) {
+    return;  // no rows for this expert (or row tile): the whole threadgroup leaves
+  }
+  const uint nrows = min(uint(BM), row_end - row0);
+  const uint n0 = tg.x * BN;
+  const uint row_words = p.K / QMM_BLOCK * BITS;
+  threadgroup float* xs = smem;            // [BM][BK]
+  threadgroup float* ws = smem + BM * BK;  // [BN][BK]
+  const uint sm = (sg / 2) * SM;
+  const uint sn = (sg % 2) * SN;
+
+  simdgroup_matrix<float, 8, 8> acc[TM][TN];
+  for (int i = 0; i < TM; ++i) {
+    for (int j = 0; j < TN; ++j) {
+      acc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+  }
+
+  for (uint k0 = 0; k0 < p.K; k0 += BK) {
+    for (uint i = tid; i < BM * BK; i += QMM_PREFILL_THREADS) {
+      const uint m = i / BK;
+      xs[i] = m < nrows ? float(qmm_gathered_x(x, order, lhs, p, row0 + m, k0 + i % BK)) : 0.0f;
+    }
+#ifdef GATHER_QMM_FAULT_GROUP_INDEX
+    const uint group = min(k0 / p.group_size + 1, p.groups - 1);
+#else
+    const uint group = k0 / p.group_size;
+#endif
+    for (uint i = tid; i < BN * BK; i += QMM_PREFILL_THREADS) {
+      const uint n = n0 + i / BK;
+      const uint j = i % BK;
+      float v = 0.0f;  // columns past N: zeros, never stored
+      if (n < p.N) {
+        const ulong r = ulong(e) * p.N + n;
+        device const uint* block = w + r * row_words + k0 / QMM_BLOCK * BITS;
+        const uint bit = j * BITS;
+        const uint off = bit % 32;
+        uint q = block[bit / 32] >> off;
+        if (off + BITS > 32) {
+          q |= block[bit / 32 + 1] << (32 - off);
+        }
+        q &= (1u << BITS) - 1u;
+        const ulong g = r * p.groups + group;
+        if (FP4) {
+          v = QMM_E2M1[q] * qmm_e8m0(scales[g]);
+        } else {
+#ifdef GATHER_QMM_FAULT_NO_BIAS_SUM
+          v = float(((device const T*)scales)[g]) * float(q);
+#else
+          v = fma(float(((device const T*)scales)[g]), float(q), float(biases[g]));
+#endif
+        }
+      }
+      ws[i] = v;
+    }
+#ifndef GATHER_QMM_FAULT_PREFILL_NO_BARRIER
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+#endif
+    for (uint kk = 0; kk < BK; kk += 8) {
+      simdgroup_matrix<float, 8, 8> a[TM];
+      simdgroup_matrix<float, 8, 8> b[TN];
+      for (int i = 0; i < TM; ++i) {
+        simdgroup_load(a[i], xs + (sm + 8 * i) * BK + kk, BK);
+      }
+      for (int j = 0; j < TN; ++j) {
+        // b[j](k, n) = ws[n][k]: the weight tile read transposed.
+        simdgroup_load(b[j], ws + (sn + 8 * j) * BK + kk, BK, ulong2(0, 0), true);
+      }
+      for (int i = 0; i < TM; ++i) {
+        for (int j = 0; j < TN; ++j) {
+          simdgroup_multiply_accumulate(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // before the tiles are overwritten
+  }
+
+  for (int i = 0; i < TM; ++i) {
+    for (int j = 0; j < TN; ++j) {
+      simdgroup_store(acc[i][j], smem + (sm + 8 * i) * BN + sn + 8 * j, BN);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint i = tid; i < nrows * BN; i += QMM_PREFILL_THREADS) {
+    const uint m = i / BN, n = n0 + i % BN;
+    if (n < p.N) {
+      out[qmm_output_row(order, p, row0 + m) * p.N + n] = T(smem[i]);
+    }
+  }
+}
+
 // -------------------------------------------------------- instantiations
 // gather_qmm_decode_{type}_{b2,b3,b4,b5,b6,b8,mxfp4}_bm{1,2,4,8}
 // (plan_gather_qmm builds the same names). Each name is one literal: the
@@ -264,6 +393,10 @@ template <typename T, int BM, int BITS, bool FP4>
 #define instantiate_qmm(host, T, bm, bits, fp4) \
   template [[host_name(host)]] [[kernel]] decltype(gather_qmm_decode<T, bm, bits, fp4>) \
       gather_qmm_decode<T, bm, bits, fp4>;
+// gather_qmm_prefill_{type}_{variant}_bm32_bn32
+#define instantiate_qmm_prefill(host, T, bits, fp4) \
+  template [[host_name(host)]] [[kernel]] decltype(gather_qmm_prefill<T, 32, 32, bits, fp4>) \
+      gather_qmm_prefill<T, 32, 32, bits, fp4>;
 
 // Tests may build a subset (faster simulator builds): GATHER_QMM_ONLY_VARIANT
 // = 2..8 for that affine width only, 1 for mxfp4 only.
@@ -280,6 +413,9 @@ instantiate_qmm("gather_qmm_decode_bfloat_b2_bm1", bfloat, 1, 2, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b2_bm2", bfloat, 2, 2, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b2_bm4", bfloat, 4, 2, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b2_bm8", bfloat, 8, 2, false)
+instantiate_qmm_prefill("gather_qmm_prefill_float_b2_bm32_bn32", float, 2, false)
+instantiate_qmm_prefill("gather_qmm_prefill_half_b2_bm32_bn32", half, 2, false)
+instantiate_qmm_prefill("gather_qmm_prefill_bfloat_b2_bm32_bn32", bfloat, 2, false)
 #endif
 #if !defined(GATHER_QMM_ONLY_VARIANT) || GATHER_QMM_ONLY_VARIANT == 3
 instantiate_qmm("gather_qmm_decode_float_b3_bm1", float, 1, 3, false)
@@ -294,6 +430,9 @@ instantiate_qmm("gather_qmm_decode_bfloat_b3_bm1", bfloat, 1, 3, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b3_bm2", bfloat, 2, 3, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b3_bm4", bfloat, 4, 3, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b3_bm8", bfloat, 8, 3, false)
+instantiate_qmm_prefill("gather_qmm_prefill_float_b3_bm32_bn32", float, 3, false)
+instantiate_qmm_prefill("gather_qmm_prefill_half_b3_bm32_bn32", half, 3, false)
+instantiate_qmm_prefill("gather_qmm_prefill_bfloat_b3_bm32_bn32", bfloat, 3, false)
 #endif
 #if !defined(GATHER_QMM_ONLY_VARIANT) || GATHER_QMM_ONLY_VARIANT == 4
 instantiate_qmm("gather_qmm_decode_float_b4_bm1", float, 1, 4, false)
@@ -308,6 +447,9 @@ instantiate_qmm("gather_qmm_decode_bfloat_b4_bm1", bfloat, 1, 4, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b4_bm2", bfloat, 2, 4, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b4_bm4", bfloat, 4, 4, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b4_bm8", bfloat, 8, 4, false)
+instantiate_qmm_prefill("gather_qmm_prefill_float_b4_bm32_bn32", float, 4, false)
+instantiate_qmm_prefill("gather_qmm_prefill_half_b4_bm32_bn32", half, 4, false)
+instantiate_qmm_prefill("gather_qmm_prefill_bfloat_b4_bm32_bn32", bfloat, 4, false)
 #endif
 #if !defined(GATHER_QMM_ONLY_VARIANT) || GATHER_QMM_ONLY_VARIANT == 5
 instantiate_qmm("gather_qmm_decode_float_b5_bm1", float, 1, 5, false)
@@ -322,6 +464,9 @@ instantiate_qmm("gather_qmm_decode_bfloat_b5_bm1", bfloat, 1, 5, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b5_bm2", bfloat, 2, 5, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b5_bm4", bfloat, 4, 5, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b5_bm8", bfloat, 8, 5, false)
+instantiate_qmm_prefill("gather_qmm_prefill_float_b5_bm32_bn32", float, 5, false)
+instantiate_qmm_prefill("gather_qmm_prefill_half_b5_bm32_bn32", half, 5, false)
+instantiate_qmm_prefill("gather_qmm_prefill_bfloat_b5_bm32_bn32", bfloat, 5, false)
 #endif
 #if !defined(GATHER_QMM_ONLY_VARIANT) || GATHER_QMM_ONLY_VARIANT == 6
 instantiate_qmm("gather_qmm_decode_float_b6_bm1", float, 1, 6, false)
@@ -336,6 +481,9 @@ instantiate_qmm("gather_qmm_decode_bfloat_b6_bm1", bfloat, 1, 6, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b6_bm2", bfloat, 2, 6, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b6_bm4", bfloat, 4, 6, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b6_bm8", bfloat, 8, 6, false)
+instantiate_qmm_prefill("gather_qmm_prefill_float_b6_bm32_bn32", float, 6, false)
+instantiate_qmm_prefill("gather_qmm_prefill_half_b6_bm32_bn32", half, 6, false)
+instantiate_qmm_prefill("gather_qmm_prefill_bfloat_b6_bm32_bn32", bfloat, 6, false)
 #endif
 #if !defined(GATHER_QMM_ONLY_VARIANT) || GATHER_QMM_ONLY_VARIANT == 8
 instantiate_qmm("gather_qmm_decode_float_b8_bm1", float, 1, 8, false)
@@ -350,6 +498,9 @@ instantiate_qmm("gather_qmm_decode_bfloat_b8_bm1", bfloat, 1, 8, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b8_bm2", bfloat, 2, 8, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b8_bm4", bfloat, 4, 8, false)
 instantiate_qmm("gather_qmm_decode_bfloat_b8_bm8", bfloat, 8, 8, false)
+instantiate_qmm_prefill("gather_qmm_prefill_float_b8_bm32_bn32", float, 8, false)
+instantiate_qmm_prefill("gather_qmm_prefill_half_b8_bm32_bn32", half, 8, false)
+instantiate_qmm_prefill("gather_qmm_prefill_bfloat_b8_bm32_bn32", bfloat, 8, false)
 #endif
 #if !defined(GATHER_QMM_ONLY_VARIANT) || GATHER_QMM_ONLY_VARIANT == 1
 instantiate_qmm("gather_qmm_decode_float_mxfp4_bm1", float, 1, 4, true)
@@ -364,4 +515,7 @@ instantiate_qmm("gather_qmm_decode_bfloat_mxfp4_bm1", bfloat, 1, 4, true)
 instantiate_qmm("gather_qmm_decode_bfloat_mxfp4_bm2", bfloat, 2, 4, true)
 instantiate_qmm("gather_qmm_decode_bfloat_mxfp4_bm4", bfloat, 4, 4, true)
 instantiate_qmm("gather_qmm_decode_bfloat_mxfp4_bm8", bfloat, 8, 4, true)
+instantiate_qmm_prefill("gather_qmm_prefill_float_mxfp4_bm32_bn32", float, 4, true)
+instantiate_qmm_prefill("gather_qmm_prefill_half_mxfp4_bm32_bn32", half, 4, true)
+instantiate_qmm_prefill("gather_qmm_prefill_bfloat_mxfp4_bm32_bn32", bfloat, 4, true)
 #endif
