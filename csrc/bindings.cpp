@@ -204,6 +204,13 @@ NB_MODULE(_ext, m) {
       "Private: the Metal launch plan of the fused SwitchGLU, decode path (gate_up and down launches, params bytes).");
 
   m.def(
+      "_switch_glu_row_bound",
+      &mlx_moe::metal::switch_glu_row_bound,
+      "tokens"_a,
+      "top_k"_a,
+      "Private: the bound on an expert's rows the Metal dispatch plans the fused SwitchGLU with.");
+
+  m.def(
       "_plan_route",
       [](int64_t slots, int64_t num_experts, int64_t max_threads) {
         auto plan = mlx_moe::metal::plan_route(slots, num_experts, max_threads);

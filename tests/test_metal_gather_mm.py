@@ -93,7 +93,7 @@ class Case:
     (lhs, with repeats; some matrices unused), unless ``identity``: then
     x rows are already grouped by expert (order = lhs = arange)."""
 
-    def __init__(self, counts, N, K, dtype, seed=0, M=1, identity=False):
+    def __init__(self, counts, N, K, dtype, seed=0, M=1, identity=False, dispatch_bound=False):
         rng = np.random.default_rng(seed)
         self.counts, self.N, self.K, self.dtype, self.M = list(counts), N, K, dtype, M
         self.E = len(counts)
@@ -119,8 +119,10 @@ class Case:
                 xr = xv[b * M:(b + 1) * M]
                 self.exact[i * M:(i + 1) * M] = xr @ wv[e].T
                 self.scale[i * M:(i + 1) * M] = np.abs(xr) @ np.abs(wv[e]).T
-        self.plan = _ext._plan_gather_mm(
-            self.rows, max(counts) * M, N, K, self.E, MX_DTYPE[dtype], M, self.lhs_batches)
+        # dispatch_bound: plan as GatherMM::eval_gpu does, bounding an
+        # expert's rows by all rows (the routing is only known on the GPU).
+        plan_rows = self.rows if dispatch_bound else max(counts) * M
+        self.plan = _ext._plan_gather_mm(self.rows, plan_rows, N, K, self.E, MX_DTYPE[dtype], M, self.lhs_batches)
 
     def buffers(self, out):
         """The kernels' buffers (placeholders for empty ones: no empty Metal buffers)."""
@@ -210,6 +212,19 @@ def test_rows_per_index(sim, shape, dtype):
     case = Case(counts, N, K, dtype, seed=zlib.crc32(f"{shape}-{dtype}".encode()), M=M)
     assert case.plan["kernel"].startswith("gather_mm_" + path) and case.plan["kernel"].endswith(tile)
     got, res = case.run(sim(race_check=True), schedule="random", seed=5, preempt=0.2)
+    assert res.diagnostics == [], res.diagnostics
+    case.assert_close(got)
+
+
+@pytest.mark.parametrize(
+    "counts, tile",
+    [([1, 1, 0, 1, 1, 1, 1, 1, 1], "decode_float_bm8"),  # one token, top-8: an 8-row tile, 1 row used
+     ([6, 0, 3, 2], "prefill_float_bm16_bn32")],  # 11 entries: prefill, 2 row tiles planned, 1 used
+)
+def test_the_dispatch_launches(sim, counts, tile):
+    case = Case(counts, 40, 72, "float32", seed=23, dispatch_bound=True)
+    assert case.plan["kernel"] == "gather_mm_" + tile
+    got, res = case.run(sim(race_check=True))
     assert res.diagnostics == [], res.diagnostics
     case.assert_close(got)
 

@@ -79,7 +79,8 @@ def nan_buffer(shape, dtype: str) -> np.ndarray:
 class Case:
     """One quantized gather_mm problem: inputs, float64 oracle, plan."""
 
-    def __init__(self, counts, N, K, dtype, bits=4, group_size=64, mode="affine", seed=0, M=1, identity=False):
+    def __init__(self, counts, N, K, dtype, bits=4, group_size=64, mode="affine", seed=0, M=1, identity=False,
+                 dispatch_bound=False):
         """counts: index entries per expert, M rows each. The entries are
         shuffled (order) and read random x matrices (lhs, with repeats)
         unless ``identity`` (x rows grouped by expert), as in
@@ -132,8 +133,10 @@ class Case:
                 xr = xv[b * M:(b + 1) * M]
                 self.exact[i * M:(i + 1) * M] = xr @ wv[e].T
                 self.mag[i * M:(i + 1) * M] = np.abs(xr) @ wabs[e].T
+        # dispatch_bound: plan as GatherQMM::eval_gpu does (all rows on one expert).
+        plan_rows = self.rows if dispatch_bound else max(counts) * M
         self.plan = _ext._plan_gather_qmm(
-            self.rows, max(counts) * M, N, K, self.E, group_size, bits, mode, MX_DTYPE[dtype], M, self.lhs_batches)
+            self.rows, plan_rows, N, K, self.E, group_size, bits, mode, MX_DTYPE[dtype], M, self.lhs_batches)
 
     def run(self, lib, **launch):
         out = nan_buffer((self.rows, self.N), self.dtype)
@@ -221,6 +224,19 @@ def test_mxfp4(sim, dtype):
     assert case.plan["kernel"].endswith("_mxfp4_bm8")
     got, res = case.run(sim(race_check=False))
     assert res.diagnostics == []
+    case.assert_close(got)
+
+
+@pytest.mark.parametrize(
+    "counts, suffix",
+    [([1, 1, 1, 0, 1, 1, 1, 1, 1], "_b4_bm8"),  # one token, top-8: an 8-row tile, 1 row used
+     ([3, 0, 4, 2], "_b4_bm32_bn32")],  # 9 entries: prefill, at most 4 rows per expert
+)
+def test_the_dispatch_launches(sim, counts, suffix):
+    case = Case(counts, 40, 128, "bfloat16", 4, 64, seed=24, dispatch_bound=True)
+    assert case.plan["kernel"].endswith(suffix)
+    got, res = case.run(sim(race_check=True, only=4))
+    assert res.diagnostics == [], res.diagnostics
     case.assert_close(got)
 
 

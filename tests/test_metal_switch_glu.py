@@ -98,7 +98,10 @@ def check(got, exact, bound, what):
 class Case:
     """One decode SwitchGLU problem: routing indices [T, k], D, H, E, dtype."""
 
-    def __init__(self, indices, D, H, E, dtype, seed=0):
+    def __init__(self, indices, D, H, E, dtype, seed=0, dispatch_bound=False):
+        """dispatch_bound: plan as the Metal dispatch does, with the
+        shape-only row bound (``_ext._switch_glu_row_bound``: T * k) instead
+        of this routing's actual largest expert."""
         rng = np.random.default_rng(seed)
         self.indices = np.asarray(indices, np.int64)
         self.T, self.k = self.indices.shape
@@ -115,8 +118,9 @@ class Case:
         self.down = to_device(rng.standard_normal((E, D, H)).astype(np.float32), dtype)
         self.scores = rng.random((self.T, self.k)).astype(np.float32).reshape(-1)
         self.max_rows = int(counts.max())
+        plan_rows = _ext._switch_glu_row_bound(self.T, self.k) if dispatch_bound else self.max_rows
         self.plans = {
-            s: _ext._plan_switch_glu(self.T, self.k, self.max_rows, D, H, E, MX_DTYPE[dtype], s)
+            s: _ext._plan_switch_glu(self.T, self.k, plan_rows, D, H, E, MX_DTYPE[dtype], s)
             for s in (True, False)
         }
 
@@ -257,6 +261,30 @@ def test_switch_glu_decode_kernels(sim, shape, dtype):
     case.check_all(sim(race_check=False))
     if (shape, dtype) in RACE_CHECKED:
         case.check_all(sim(race_check=True), schedule="random", seed=5, preempt=0.2)
+
+
+# The launches the Metal dispatch makes (rows bounded by T * k, not by the
+# routing): (indices, D, H, E, expected kernels' suffix).
+DISPATCH_SHAPES = {
+    # one token, top-8 over 16 experts: decode with an 8-row tile, 1 row used
+    "t1_k8": ([[9, 2, 14, 0, 5, 11, 7, 3]], 64, 40, 16, "decode_{}_bm8"),
+    # one token, top-1: the 1-row tile
+    "t1_k1": ([[3]], 48, 40, 4, "decode_{}_bm1"),
+    # two tokens, top-8: T * k = 16 > 8 takes the prefill kernels with at most 2 rows per expert
+    "t2_k8": ([[0, 1, 2, 3, 4, 5, 6, 7], [7, 9, 1, 11, 12, 13, 14, 15]], 40, 72, 16, "prefill_{}_bm32_bn32"),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", list(DISPATCH_SHAPES))
+def test_the_dispatch_launches(sim, shape, dtype):
+    indices, D, H, E, suffix = DISPATCH_SHAPES[shape]
+    case = Case(indices, D, H, E, dtype, seed=zlib.crc32(f"dispatch-{shape}-{dtype}".encode()), dispatch_bound=True)
+    tname = {"float32": "float", "float16": "half", "bfloat16": "bfloat"}[dtype]
+    assert case.plans[False]["gate_up"]["kernel"].endswith(suffix.format(tname))
+    case.check_all(sim(race_check=False))
+    if shape == "t1_k8":
+        case.check_all(sim(race_check=True), schedule="random", seed=9, preempt=0.2)
 
 
 def test_plan_covers_the_library(sim):
