@@ -110,4 +110,14 @@ mlx::core::array row_contiguous(
   return copy;
 }
 
+mlx::core::array aligned_rows(
+    const mlx::core::array& a, mlx::core::metal::CommandEncoder& encoder, const mlx::core::Stream& s) {
+  if (a.flags().row_contiguous && a.offset() % 16 == 0) {
+    return a;
+  }
+  mlx::core::array copy = mlx::core::contiguous_copy_gpu(a, s);
+  encoder.add_temporary(copy);
+  return copy;
+}
+
 }  // namespace mlx_moe::metal

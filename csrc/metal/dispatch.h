@@ -57,6 +57,12 @@ mlx::core::array temporary(
 mlx::core::array row_contiguous(
     const mlx::core::array& a, mlx::core::metal::CommandEncoder& encoder, const mlx::core::Stream& s);
 
+// `a` itself if row-contiguous and 16-byte aligned in its buffer, else a
+// contiguous copy (freshly allocated, so aligned): the kernels read weight
+// rows with 16-byte vector loads, valid only from aligned addresses.
+mlx::core::array aligned_rows(
+    const mlx::core::array& a, mlx::core::metal::CommandEncoder& encoder, const mlx::core::Stream& s);
+
 // True when a plan's grid has no threadgroup (nothing to launch).
 inline bool empty_grid(const std::array<uint32_t, 3>& grid) {
   return grid[0] == 0 || grid[1] == 0 || grid[2] == 0;

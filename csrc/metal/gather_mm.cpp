@@ -44,11 +44,12 @@ void GatherMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   encoder.add_temporary(nan);
   mx::fill_gpu(nan, out, s);
 
-  // The kernels read x [lhs_batches * M, K] and w [E, N, K] densely: b^T is
-  // row-contiguous when b is a transposed view of [E, N, K] weights (mlx-lm's
-  // SwitchLinear: no copy); any other layout is copied once per call.
+  // The kernels read x [lhs_batches * M, K] and w [E, N, K] densely (w with
+  // 16-byte loads, so aligned): b^T is row-contiguous when b is a transposed
+  // view of [E, N, K] weights (mlx-lm's SwitchLinear: no copy); any other
+  // layout or an unaligned view is copied once per call.
   const mx::array x = metal::row_contiguous(a, encoder, s);
-  const mx::array w = metal::row_contiguous(mx::swapaxes_in_eval(b, -1, -2), encoder, s);
+  const mx::array w = metal::aligned_rows(mx::swapaxes_in_eval(b, -1, -2), encoder, s);
   const mx::array lhs = metal::row_contiguous(inputs[2], encoder, s);
   const mx::array rhs = metal::row_contiguous(inputs[3], encoder, s);
 
@@ -102,7 +103,7 @@ void GatherQMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   mx::fill_gpu(nan, out, s);  // as GatherMM: rows a bad id leaves unwritten stay NaN
 
   const mx::array x = metal::row_contiguous(x_in, encoder, s);
-  const mx::array packed = metal::row_contiguous(w, encoder, s);
+  const mx::array packed = metal::aligned_rows(w, encoder, s);  // uint4 / uint2 block loads
   const mx::array scales = metal::row_contiguous(inputs[2], encoder, s);
   const mx::array biases = has_biases ? metal::row_contiguous(inputs[3], encoder, s) : scales;
   const mx::array lhs = metal::row_contiguous(inputs[inputs.size() - 2], encoder, s);

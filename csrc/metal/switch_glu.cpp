@@ -15,11 +15,12 @@ namespace mlx_moe {
 
 namespace {
 
-// The kernels index gate/up [E, H, D] and down [E, D, H] densely; gate and up
-// views of one fused gate_up weight are not, so they are copied (the layers
-// keep separate gate and up weights, which need no copy).
+// The kernels index gate/up [E, H, D] and down [E, D, H] densely, from
+// 16-byte aligned rows; gate and up views of one fused gate_up weight are
+// neither dense nor (generally) aligned, so they are copied (the layers keep
+// separate gate and up weights, which need no copy).
 mx::array dense(const mx::array& a, mx::metal::CommandEncoder& encoder, const mx::Stream& s) {
-  return metal::row_contiguous(a, encoder, s);
+  return metal::aligned_rows(a, encoder, s);
 }
 
 void set_threadgroup_memory(mx::metal::CommandEncoder& encoder, const metal::SwitchGluLaunch& launch) {
