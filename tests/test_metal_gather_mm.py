@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from metal_cases import entries_by_expert, routed_entries  # noqa: E402
 from metal_sim import MetalSimError, build  # noqa: E402
 
 mx = pytest.importorskip("mlx.core")
@@ -99,26 +100,16 @@ class Case:
         self.E = len(counts)
         self.entries = int(sum(counts))
         self.rows = self.entries * M
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
-        if identity:
-            self.order = np.arange(self.entries, dtype=np.uint32)
-            self.lhs = np.arange(self.entries, dtype=np.uint32)
-            self.lhs_batches = self.entries
-        else:
-            self.order = rng.permutation(self.entries).astype(np.uint32)
-            self.lhs_batches = self.entries + 2
-            self.lhs = rng.integers(0, self.lhs_batches, self.entries).astype(np.uint32)
+        self.offsets, self.order, self.lhs, self.lhs_batches = routed_entries(counts, rng, identity)
         self.x = to_device(rng.standard_normal((self.lhs_batches * M, K)).astype(np.float32), dtype)
         self.w = to_device(rng.standard_normal((self.E, N, K)).astype(np.float32), dtype)
         xv, wv = from_device(self.x, dtype), from_device(self.w, dtype)
         self.exact = np.zeros((self.rows, N))
         self.scale = np.zeros((self.rows, N))  # sum_k |x_k w_k|
-        for e in range(self.E):
-            for pos in range(self.offsets[e], self.offsets[e + 1]):
-                i, b = int(self.order[pos]), int(self.lhs[self.order[pos]])
-                xr = xv[b * M:(b + 1) * M]
-                self.exact[i * M:(i + 1) * M] = xr @ wv[e].T
-                self.scale[i * M:(i + 1) * M] = np.abs(xr) @ np.abs(wv[e]).T
+        for e, i, b in entries_by_expert(self.offsets, self.order, self.lhs):
+            xr = xv[b * M:(b + 1) * M]
+            self.exact[i * M:(i + 1) * M] = xr @ wv[e].T
+            self.scale[i * M:(i + 1) * M] = np.abs(xr) @ np.abs(wv[e]).T
         # dispatch_bound: plan as GatherMM::eval_gpu does, bounding an
         # expert's rows by all rows (the routing is only known on the GPU).
         plan_rows = self.rows if dispatch_bound else max(counts) * M

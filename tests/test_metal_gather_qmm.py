@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from metal_cases import entries_by_expert, routed_entries  # noqa: E402
 from metal_sim import MetalSimError, build  # noqa: E402
 
 mx = pytest.importorskip("mlx.core")
@@ -88,16 +89,8 @@ class Case:
         self.counts, self.N, self.K, self.dtype, self.M = list(counts), N, K, dtype, M
         self.E, self.entries = len(counts), int(sum(counts))
         self.rows = self.entries * M
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
-        rng = np.random.default_rng(seed)
-        if identity:
-            self.order = np.arange(self.entries, dtype=np.uint32)
-            self.lhs = np.arange(self.entries, dtype=np.uint32)
-            self.lhs_batches = self.entries
-        else:
-            self.order = rng.permutation(self.entries).astype(np.uint32)
-            self.lhs_batches = self.entries + 2
-            self.lhs = rng.integers(0, self.lhs_batches, self.entries).astype(np.uint32)
+        self.offsets, self.order, self.lhs, self.lhs_batches = routed_entries(
+            counts, np.random.default_rng(seed), identity)
         key = mx.random.key(seed)
         kx, kw = mx.random.split(key)
         x = mx.random.normal((self.lhs_batches * M, K), key=kx).astype(MX_DTYPE[dtype])
@@ -127,12 +120,10 @@ class Case:
         wv = wdq
         self.exact = np.zeros((self.rows, N))
         self.mag = np.zeros((self.rows, N))
-        for e in range(self.E):
-            for pos in range(self.offsets[e], self.offsets[e + 1]):
-                i, b = int(self.order[pos]), int(self.lhs[self.order[pos]])
-                xr = xv[b * M:(b + 1) * M]
-                self.exact[i * M:(i + 1) * M] = xr @ wv[e].T
-                self.mag[i * M:(i + 1) * M] = np.abs(xr) @ wabs[e].T
+        for e, i, b in entries_by_expert(self.offsets, self.order, self.lhs):
+            xr = xv[b * M:(b + 1) * M]
+            self.exact[i * M:(i + 1) * M] = xr @ wv[e].T
+            self.mag[i * M:(i + 1) * M] = np.abs(xr) @ wabs[e].T
         # dispatch_bound: plan as GatherQMM::eval_gpu does (all rows on one expert).
         plan_rows = self.rows if dispatch_bound else max(counts) * M
         self.plan = _ext._plan_gather_qmm(

@@ -20,6 +20,41 @@
 
 namespace mlx_moe {
 
+namespace {
+
+// What both gathers do before their kernel: out filled with NaN (an entry
+// whose rhs id is out of range is in no expert's rows and is not written; a
+// bad id anywhere empties the routing; the GPU cannot raise mid-evaluation,
+// so such outputs must not pass for numbers), and the index entries routed
+// by rhs. Returns the routing (order, offsets) the kernels read.
+struct EntryRouting {
+  mx::array order;
+  mx::array offsets;
+};
+
+EntryRouting prepare_gather(
+    mx::metal::Device& device,
+    mx::metal::CommandEncoder& encoder,
+    const mx::Stream& s,
+    mx::array& out,
+    const mx::array& rhs,
+    int64_t num_experts) {
+  mx::array nan(std::numeric_limits<float>::quiet_NaN(), out.dtype());
+  encoder.add_temporary(nan);
+  mx::fill_gpu(nan, out, s);
+  const int entries = static_cast<int>(rhs.size());
+  EntryRouting routing{
+      metal::temporary(encoder, {entries}, mx::uint32),
+      metal::temporary(encoder, {static_cast<int>(num_experts + 1)}, mx::uint32)};
+  mx::array sorted_experts = metal::temporary(encoder, {entries}, mx::uint32);
+  mx::array status = metal::temporary(encoder, {1}, mx::uint32);
+  metal::encode_route(
+      device, encoder, rhs, static_cast<int>(num_experts), routing.order, routing.offsets, sorted_experts, status);
+  return routing;
+}
+
+}  // namespace
+
 void GatherMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& s = stream();
   auto& device = mx::metal::device(s.device);
@@ -37,13 +72,6 @@ void GatherMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     return;
   }
-  // An entry whose rhs id is out of range is in no expert's rows and is not
-  // written; a bad id anywhere empties the routing. NaN first, so such
-  // outputs cannot pass for numbers (the GPU cannot raise mid-evaluation).
-  mx::array nan(std::numeric_limits<float>::quiet_NaN(), out.dtype());
-  encoder.add_temporary(nan);
-  mx::fill_gpu(nan, out, s);
-
   // The kernels read x [lhs_batches * M, K] and w [E, N, K] densely (w with
   // 16-byte loads, so aligned): b^T is row-contiguous when b is a transposed
   // view of [E, N, K] weights (mlx-lm's SwitchLinear: no copy); any other
@@ -52,13 +80,7 @@ void GatherMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const mx::array w = metal::aligned_rows(mx::swapaxes_in_eval(b, -1, -2), encoder, s);
   const mx::array lhs = metal::row_contiguous(inputs[2], encoder, s);
   const mx::array rhs = metal::row_contiguous(inputs[3], encoder, s);
-
-  mx::array order = metal::temporary(encoder, {static_cast<int>(entries)}, mx::uint32);
-  mx::array offsets = metal::temporary(encoder, {static_cast<int>(num_experts + 1)}, mx::uint32);
-  mx::array sorted_experts = metal::temporary(encoder, {static_cast<int>(entries)}, mx::uint32);
-  mx::array status = metal::temporary(encoder, {1}, mx::uint32);
-  metal::encode_route(
-      device, encoder, rhs, static_cast<int>(num_experts), order, offsets, sorted_experts, status);
+  const EntryRouting routing = prepare_gather(device, encoder, s, out, rhs, num_experts);
 
   // Rows per expert are only known on the GPU: plan for the worst case (all
   // entries on one expert).
@@ -71,10 +93,10 @@ void GatherMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   // Buffers as gather_mm.metal: 0 x, 1 w, 2 offsets, 3 out, 4 params, 5 order, 6 lhs.
   encoder.set_input_array(x, 0);
   encoder.set_input_array(w, 1);
-  encoder.set_input_array(offsets, 2);
+  encoder.set_input_array(routing.offsets, 2);
   encoder.set_output_array(out, 3);
   encoder.set_bytes(plan.params, 4);
-  encoder.set_input_array(order, 5);
+  encoder.set_input_array(routing.order, 5);
   encoder.set_input_array(lhs, 6);
   encoder.set_threadgroup_memory_length(plan.threadgroup_memory, 0);
   metal::dispatch(encoder, plan.grid, plan.threads);
@@ -98,23 +120,13 @@ void GatherQMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     return;
   }
-  mx::array nan(std::numeric_limits<float>::quiet_NaN(), out.dtype());
-  encoder.add_temporary(nan);
-  mx::fill_gpu(nan, out, s);  // as GatherMM: rows a bad id leaves unwritten stay NaN
-
   const mx::array x = metal::row_contiguous(x_in, encoder, s);
   const mx::array packed = metal::aligned_rows(w, encoder, s);  // uint4 / uint2 block loads
   const mx::array scales = metal::row_contiguous(inputs[2], encoder, s);
   const mx::array biases = has_biases ? metal::row_contiguous(inputs[3], encoder, s) : scales;
   const mx::array lhs = metal::row_contiguous(inputs[inputs.size() - 2], encoder, s);
   const mx::array rhs = metal::row_contiguous(inputs[inputs.size() - 1], encoder, s);
-
-  mx::array order = metal::temporary(encoder, {static_cast<int>(entries)}, mx::uint32);
-  mx::array offsets = metal::temporary(encoder, {static_cast<int>(num_experts + 1)}, mx::uint32);
-  mx::array sorted_experts = metal::temporary(encoder, {static_cast<int>(entries)}, mx::uint32);
-  mx::array status = metal::temporary(encoder, {1}, mx::uint32);
-  metal::encode_route(
-      device, encoder, rhs, static_cast<int>(num_experts), order, offsets, sorted_experts, status);
+  const EntryRouting routing = prepare_gather(device, encoder, s, out, rhs, num_experts);
 
   const int64_t rows = entries * M;
   const auto plan = metal::plan_gather_qmm(
@@ -129,10 +141,10 @@ void GatherQMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   encoder.set_input_array(packed, 1);
   encoder.set_input_array(scales, 2);
   encoder.set_input_array(biases, 3);
-  encoder.set_input_array(offsets, 4);
+  encoder.set_input_array(routing.offsets, 4);
   encoder.set_output_array(out, 5);
   encoder.set_bytes(plan.params, 6);
-  encoder.set_input_array(order, 7);
+  encoder.set_input_array(routing.order, 7);
   encoder.set_input_array(lhs, 8);
   encoder.set_threadgroup_memory_length(plan.threadgroup_memory, 0);
   metal::dispatch(encoder, plan.grid, plan.threads);

@@ -29,29 +29,11 @@ std::pair<const char*, int64_t> type_of(mlx::core::Dtype dtype) {
 // More than kQmmDecodeMaxRowsPerExpert rows per expert: the
 // simdgroup_matrix kernel, 32 x 32 tiles, one 32-element block of K per step.
 GatherQMMLaunch plan_prefill(
-    int64_t rows,
-    int64_t max_rows,
-    int64_t N,
-    int64_t K,
-    int64_t num_experts,
-    int group_size,
-    int bits,
-    const char* type_name,
-    const std::string& variant,
-    int64_t rows_per_index,
-    int64_t lhs_batches) {
+    const GatherQMMParams& params, int64_t max_rows, const char* type_name, const std::string& variant) {
   GatherQMMLaunch plan;
   plan.prefill = true;
-  plan.params.rows = to_u32(rows, "rows");
-  plan.params.N = to_u32(N, "N");
-  plan.params.K = to_u32(K, "K");
-  plan.params.num_experts = to_u32(num_experts, "num_experts");
+  plan.params = params;
   plan.params.k_chunk = static_cast<uint32_t>(kQmmBlock);  // informational: the K step
-  plan.params.group_size = static_cast<uint32_t>(group_size);
-  plan.params.bits = static_cast<uint32_t>(bits);
-  plan.params.groups = to_u32(K / group_size, "K / group_size");
-  plan.params.rows_per_index = to_u32(rows_per_index, "rows_per_index");
-  plan.params.lhs_batches = to_u32(lhs_batches, "lhs_batches");
   plan.block_rows = static_cast<uint32_t>(kQmmPrefillBM);
   plan.block_cols = static_cast<uint32_t>(kQmmPrefillBN);
   plan.threads = {kQmmPrefillThreads, 1, 1};
@@ -59,10 +41,10 @@ GatherQMMLaunch plan_prefill(
   plan.threadgroup_memory = static_cast<uint32_t>(floats * 4);
   plan.kernel = std::string("gather_qmm_prefill_") + type_name + "_" + variant + "_bm" +
       std::to_string(kQmmPrefillBM) + "_bn" + std::to_string(kQmmPrefillBN);
-  if (rows > 0 && max_rows > 0 && N > 0) {
+  if (params.rows > 0 && max_rows > 0 && params.N > 0) {
     plan.grid = {
-        static_cast<uint32_t>(ceil_div(N, kQmmPrefillBN)),
-        static_cast<uint32_t>(num_experts),
+        static_cast<uint32_t>(ceil_div(params.N, kQmmPrefillBN)),
+        params.num_experts,
         static_cast<uint32_t>(ceil_div(max_rows, kQmmPrefillBM))};
   }
   return plan;
@@ -118,9 +100,18 @@ GatherQMMLaunch plan_gather_qmm(
   // Row numbers are 32-bit in the kernel, element offsets 64-bit.
   to_u32(lhs_batches * rows_per_index, "lhs_batches * rows_per_index");
   const int64_t max_rows = std::min(max_rows_per_expert, rows);
+  GatherQMMParams params{};
+  params.rows = to_u32(rows, "rows");
+  params.N = to_u32(N, "N");
+  params.K = to_u32(K, "K");
+  params.num_experts = to_u32(num_experts, "num_experts");
+  params.group_size = static_cast<uint32_t>(group_size);
+  params.bits = static_cast<uint32_t>(bits);
+  params.groups = to_u32(K / group_size, "K / group_size");
+  params.rows_per_index = to_u32(rows_per_index, "rows_per_index");
+  params.lhs_batches = to_u32(lhs_batches, "lhs_batches");
   if (max_rows > kQmmDecodeMaxRowsPerExpert) {
-    return plan_prefill(rows, max_rows, N, K, num_experts, group_size, bits, type_name, variant,
-                        rows_per_index, lhs_batches);
+    return plan_prefill(params, max_rows, type_name, variant);
   }
 
   int64_t bm = 1;
@@ -130,16 +121,8 @@ GatherQMMLaunch plan_gather_qmm(
   const int64_t k_chunk = std::min(std::max<int64_t>(K, kQmmBlock), budget);
 
   GatherQMMLaunch plan;
-  plan.params.rows = to_u32(rows, "rows");
-  plan.params.N = to_u32(N, "N");
-  plan.params.K = to_u32(K, "K");
-  plan.params.num_experts = to_u32(num_experts, "num_experts");
+  plan.params = params;
   plan.params.k_chunk = static_cast<uint32_t>(k_chunk);
-  plan.params.group_size = static_cast<uint32_t>(group_size);
-  plan.params.bits = static_cast<uint32_t>(bits);
-  plan.params.groups = to_u32(K / group_size, "K / group_size");
-  plan.params.rows_per_index = to_u32(rows_per_index, "rows_per_index");
-  plan.params.lhs_batches = to_u32(lhs_batches, "lhs_batches");
   plan.block_rows = static_cast<uint32_t>(bm);
   plan.block_cols = kQmmDecodeThreads / 32 * kQmmColsPerSimdgroup;
   plan.threads = {kQmmDecodeThreads, 1, 1};
