@@ -9,11 +9,31 @@
 #include "metal/gather_qmm_plan.h"
 #include "metal/route_plan.h"
 #include "metal/switch_glu_plan.h"
+#include "metal/switch_glu_quantized_plan.h"
 #include "ops.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
 using namespace nb::literals;
+
+namespace {
+
+// One SwitchGLU launch of a Metal plan as a dict (kernel, grid, threads,
+// threadgroup memory per index) for the simulator tests.
+nb::dict switch_glu_launch(const mlx_moe::metal::SwitchGluLaunch& l) {
+  nb::dict d;
+  d["kernel"] = l.kernel;
+  d["grid"] = nb::make_tuple(l.grid[0], l.grid[1], l.grid[2]);
+  d["threads"] = nb::make_tuple(l.threads[0], l.threads[1], l.threads[2]);
+  nb::list memory;
+  for (uint32_t bytes : l.threadgroup_memory) {
+    memory.append(bytes);
+  }
+  d["threadgroup_memory"] = memory;
+  return d;
+}
+
+}  // namespace
 
 NB_MODULE(_ext, m) {
   m.doc() = "C++ MLX primitives of mlx_moe_kernels (use the mlx_moe_kernels package).";
@@ -167,22 +187,10 @@ NB_MODULE(_ext, m) {
          int64_t num_experts, mx::Dtype dtype, bool scores) {
         auto plan = mlx_moe::metal::plan_switch_glu(
             tokens, top_k, max_rows_per_expert, D, H, num_experts, dtype, scores);
-        auto launch = [](const mlx_moe::metal::SwitchGluLaunch& l) {
-          nb::dict d;
-          d["kernel"] = l.kernel;
-          d["grid"] = nb::make_tuple(l.grid[0], l.grid[1], l.grid[2]);
-          d["threads"] = nb::make_tuple(l.threads[0], l.threads[1], l.threads[2]);
-          nb::list memory;
-          for (uint32_t bytes : l.threadgroup_memory) {
-            memory.append(bytes);
-          }
-          d["threadgroup_memory"] = memory;
-          return d;
-        };
         nb::dict d;
-        d["gate_up"] = launch(plan.gate_up);
-        d["down"] = launch(plan.down);
-        d["combine"] = launch(plan.combine);
+        d["gate_up"] = switch_glu_launch(plan.gate_up);
+        d["down"] = switch_glu_launch(plan.down);
+        d["combine"] = switch_glu_launch(plan.combine);
         d["prefill"] = plan.prefill;
         d["scratch_bytes"] = plan.scratch_bytes;
         d["scores"] = plan.scores;
@@ -202,6 +210,36 @@ NB_MODULE(_ext, m) {
       "dtype"_a,
       "scores"_a,
       "Private: the Metal launch plan of the fused SwitchGLU, decode path (gate_up and down launches, params bytes).");
+
+  m.def(
+      "_plan_switch_glu_quantized",
+      [](int64_t tokens, int64_t top_k, int64_t max_rows_per_expert, int64_t D, int64_t H,
+         int64_t num_experts, int group_size, int bits, const std::string& mode, mx::Dtype dtype, bool scores) {
+        auto plan = mlx_moe::metal::plan_switch_glu_quantized(
+            tokens, top_k, max_rows_per_expert, D, H, num_experts, group_size, bits, mode, dtype, scores);
+        nb::dict d;
+        d["gate_up"] = switch_glu_launch(plan.gate_up);
+        d["down"] = switch_glu_launch(plan.down);
+        d["scores"] = plan.scores;
+        d["block_rows"] = plan.block_rows;
+        d["block_cols"] = plan.block_cols;
+        d["d_chunk"] = plan.params.d_chunk;
+        d["h_chunk"] = plan.params.h_chunk;
+        d["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(plan.params));
+        return d;
+      },
+      "tokens"_a,
+      "top_k"_a,
+      "max_rows_per_expert"_a,
+      "D"_a,
+      "H"_a,
+      "num_experts"_a,
+      "group_size"_a,
+      "bits"_a,
+      "mode"_a,
+      "dtype"_a,
+      "scores"_a,
+      "Private: the Metal launch plan of the fused quantized SwitchGLU, decode path.");
 
   m.def(
       "_switch_glu_row_bound",

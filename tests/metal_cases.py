@@ -1,12 +1,13 @@
-"""Index-entry layouts shared by the gather kernels' simulator tests
-(test_metal_gather_mm.py, test_metal_gather_qmm.py): the routing the kernels
-read (offsets over sorted positions, order, lhs) for given entries per
-expert, as route.metal and the Metal dispatch produce it."""
+"""Inputs shared by the Metal kernels' simulator tests: index-entry layouts
+(the routing the gather kernels read: offsets over sorted positions, order,
+lhs, as route.metal and the Metal dispatch produce it) and quantized
+weights with their exact float64 values."""
 
 from __future__ import annotations
 
 from typing import Iterator, Sequence, Tuple
 
+import mlx.core as mx
 import numpy as np
 
 
@@ -33,3 +34,41 @@ def entries_by_expert(offsets: np.ndarray, order: np.ndarray, lhs: np.ndarray) -
         for pos in range(int(offsets[e]), int(offsets[e + 1])):
             entry = int(order[pos])
             yield e, entry, int(lhs[entry])
+
+
+def device_buffer(a: mx.array) -> np.ndarray:
+    """An mx array -> the bytes a kernel reads (bfloat16 as its bits)."""
+    if a.dtype == mx.bfloat16:
+        return np.ascontiguousarray(np.array(a.view(mx.uint16)))
+    return np.ascontiguousarray(np.array(a))
+
+
+def quantized_weights(w: mx.array, dtype, bits: int, group_size: int, mode: str):
+    """mx.quantize's packing of float weights w [..., rows, cols] as the
+    kernels read it, and the exact weights: (codes, scales, biases) device
+    buffers (biases: a placeholder for mxfp4), the dequantized weights in
+    float64, and |s| q + |b| per element (the magnitude the kernels' float
+    sums see, for error bounds). Affine scales/biases are cast to ``dtype``."""
+    qa = dict(group_size=group_size, bits=bits, mode=mode)
+    if mode == "affine":
+        wq, scales, biases = mx.quantize(w, **qa)
+        scales, biases = scales.astype(dtype), biases.astype(dtype)
+        # The codes, exactly: mx.dequantize with scale 1, bias 0 in float32.
+        # (mx.dequantize with 16-bit scales rounds s * q + b to the scales'
+        # dtype even with dtype=float32, so the weights s * q + b are formed
+        # here in float64 from the codes and the 16-bit scales/biases.)
+        one, zero = mx.ones(scales.shape, mx.float32), mx.zeros(biases.shape, mx.float32)
+        codes = np.array(mx.dequantize(wq, one, zero, dtype=mx.float32, **qa), np.float64)
+
+        def rep(a):
+            return np.repeat(np.array(a.astype(mx.float32), np.float64), group_size, axis=-1)
+
+        exact = rep(scales) * codes + rep(biases)
+        magnitude = np.abs(rep(scales)) * codes + np.abs(rep(biases))
+        bias_buffer = device_buffer(biases)
+    else:
+        wq, scales = mx.quantize(w, **qa)
+        exact = np.array(mx.dequantize(wq, scales, None, dtype=mx.float32, **qa), np.float64)
+        magnitude = np.abs(exact)
+        bias_buffer = np.zeros(16, np.uint8)  # unused, but bound
+    return np.ascontiguousarray(np.array(wq)), device_buffer(scales), bias_buffer, exact, magnitude

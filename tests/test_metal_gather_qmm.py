@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metal_cases import entries_by_expert, routed_entries  # noqa: E402
+from metal_cases import device_buffer, entries_by_expert, quantized_weights, routed_entries  # noqa: E402
 from metal_sim import MetalSimError, build  # noqa: E402
 
 mx = pytest.importorskip("mlx.core")
@@ -58,13 +58,6 @@ def sim(tmp_path_factory):
     return get
 
 
-def device_buffer(a) -> np.ndarray:
-    """An mx array -> the bytes the kernel reads (bfloat16 as its bits)."""
-    if a.dtype == mx.bfloat16:
-        return np.ascontiguousarray(np.array(a.view(mx.uint16)))
-    return np.ascontiguousarray(np.array(a))
-
-
 def from_device(buf: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return (buf.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
@@ -95,29 +88,9 @@ class Case:
         kx, kw = mx.random.split(key)
         x = mx.random.normal((self.lhs_batches * M, K), key=kx).astype(MX_DTYPE[dtype])
         w = mx.random.normal((self.E, N, K), key=kw)
-        qa = dict(group_size=group_size, bits=bits, mode=mode)
-        if mode == "affine":
-            wq, scales, biases = mx.quantize(w, **qa)
-            scales, biases = scales.astype(MX_DTYPE[dtype]), biases.astype(MX_DTYPE[dtype])
-            # The codes, exactly: mx.dequantize with scale 1, bias 0 in float32.
-            # (mx.dequantize with 16-bit scales rounds s * q + b to the scales'
-            # dtype even with dtype=float32, so the weights s * q + b are formed
-            # here in float64 from the codes and the 16-bit scales/biases.)
-            one, zero = mx.ones(scales.shape, mx.float32), mx.zeros(biases.shape, mx.float32)
-            codes = np.array(mx.dequantize(wq, one, zero, dtype=mx.float32, **qa), np.float64)
-            rep = lambda a: np.repeat(np.array(a.astype(mx.float32), np.float64), group_size, axis=-1)  # noqa: E731
-            wdq = rep(scales) * codes + rep(biases)
-            # |s| q + |b| per element: the magnitude the kernel's float sums see
-            wabs = np.abs(rep(scales)) * codes + np.abs(rep(biases))
-            self.biases = device_buffer(biases)
-        else:
-            wq, scales = mx.quantize(w, **qa)
-            wdq = np.array(mx.dequantize(wq, scales, None, dtype=mx.float32, **qa), np.float64)
-            wabs = np.abs(wdq)
-            self.biases = np.zeros(16, np.uint8)  # unused, but bound
-        self.x, self.w, self.scales = device_buffer(x), np.ascontiguousarray(np.array(wq)), device_buffer(scales)
+        self.w, self.scales, self.biases, wv, wabs = quantized_weights(w, MX_DTYPE[dtype], bits, group_size, mode)
+        self.x = device_buffer(x)
         xv = np.array(x.astype(mx.float32), np.float64)
-        wv = wdq
         self.exact = np.zeros((self.rows, N))
         self.mag = np.zeros((self.rows, N))
         for e, i, b in entries_by_expert(self.offsets, self.order, self.lhs):

@@ -1,0 +1,119 @@
+#include "metal/switch_glu_quantized_plan.h"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+
+namespace mlx_moe::metal {
+
+namespace {
+
+[[noreturn]] void reject(const std::string& why) {
+  throw std::invalid_argument("[switch_glu] quantized Metal kernels: " + why);
+}
+
+uint32_t to_u32(int64_t v, const char* what) {
+  if (v < 0 || v > std::numeric_limits<uint32_t>::max()) {
+    reject(std::string(what) + " out of range");
+  }
+  return static_cast<uint32_t>(v);
+}
+
+// Elements of a reduction of length `len` (a multiple of 32) staged per pass
+// for bm rows: whole 32-element blocks, at most kSwitchGluStageBytes.
+int64_t stage_chunk(int64_t len, int64_t bm, int64_t type_size) {
+  const int64_t budget = std::max<int64_t>(32, kSwitchGluStageBytes / (bm * type_size) / 32 * 32);
+  return std::min(std::max<int64_t>(len, 32), budget);
+}
+
+}  // namespace
+
+SwitchGluQuantizedPlan plan_switch_glu_quantized(
+    int64_t tokens,
+    int64_t top_k,
+    int64_t max_rows_per_expert,
+    int64_t D,
+    int64_t H,
+    int64_t num_experts,
+    int group_size,
+    int bits,
+    const std::string& mode,
+    mlx::core::Dtype dtype,
+    bool scores) {
+  const char* type_name = nullptr;
+  int64_t type_size = 0;
+  if (dtype == mlx::core::float32) {
+    type_name = "float", type_size = 4;
+  } else if (dtype == mlx::core::float16) {
+    type_name = "half", type_size = 2;
+  } else if (dtype == mlx::core::bfloat16) {
+    type_name = "bfloat", type_size = 2;
+  } else {
+    reject("float32, float16 or bfloat16 only");
+  }
+  std::string variant;
+  if (mode == "affine" && (bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) &&
+      (group_size == 32 || group_size == 64 || group_size == 128)) {
+    variant = "b" + std::to_string(bits);
+  } else if (mode == "mxfp4" && bits == 4 && group_size == 32) {
+    variant = "mxfp4";
+  } else {
+    reject("no kernel for mode " + mode + ", bits " + std::to_string(bits) + ", group size " +
+           std::to_string(group_size));
+  }
+  if (tokens < 0 || top_k < 1 || D < 0 || H < 0 || num_experts < 1 || max_rows_per_expert < 0) {
+    reject("negative sizes, top_k < 1 or no experts");
+  }
+  if (D % group_size != 0 || H % group_size != 0) {
+    reject("D and H must be multiples of group_size");
+  }
+  if (tokens > 0 && max_rows_per_expert < 1) {
+    reject("max_rows_per_expert must be >= 1 when there are tokens");
+  }
+  const int64_t max_rows = std::min(max_rows_per_expert, tokens * top_k);
+  if (max_rows > kSwitchGluDecodeMaxRowsPerExpert || (scores && tokens > kSwitchGluDecodeMaxTokens)) {
+    reject("decode only (at most 8 rows per expert, 128 tokens with scores)");
+  }
+  to_u32(tokens * top_k * std::max(D, H), "tokens * top_k * max(D, H)");
+
+  SwitchGluQuantizedPlan plan;
+  plan.scores = scores;
+  const int64_t bm = max_rows <= 1 ? 1 : 8;
+  plan.block_rows = static_cast<uint32_t>(bm);
+  plan.block_cols = kSwitchGluThreads / 32 * kSwitchGluColsPerSimdgroup;
+  const int64_t d_chunk = stage_chunk(D, bm, type_size);
+  const int64_t h_chunk = stage_chunk(H, bm, type_size);
+  auto& p = plan.params;
+  p.tokens = to_u32(tokens, "tokens");
+  p.top_k = to_u32(top_k, "top_k");
+  p.D = to_u32(D, "D");
+  p.H = to_u32(H, "H");
+  p.num_experts = to_u32(num_experts, "num_experts");
+  p.d_chunk = static_cast<uint32_t>(d_chunk);
+  p.h_chunk = static_cast<uint32_t>(h_chunk);
+  p.group_size = static_cast<uint32_t>(group_size);
+  p.bits = static_cast<uint32_t>(bits);
+  const std::string suffix = std::string("_") + type_name + "_" + variant + "_bm" + std::to_string(bm);
+  auto round16 = [](int64_t bytes) { return static_cast<uint32_t>((bytes + 15) / 16 * 16); };
+  plan.gate_up.kernel = "moe_gate_up_swiglu_quantized_decode" + suffix;
+  plan.gate_up.threads = {kSwitchGluThreads, 1, 1};
+  plan.gate_up.threadgroup_memory = {round16(bm * d_chunk * type_size)};
+  plan.down.kernel = std::string(scores ? "moe_down_combine_quantized_decode" : "moe_down_slots_quantized_decode") + suffix;
+  plan.down.threads = {kSwitchGluThreads, 1, 1};
+  plan.down.threadgroup_memory = {round16(bm * h_chunk * type_size)};
+  if (scores) {
+    plan.down.threadgroup_memory.push_back(round16(std::max<int64_t>(tokens, 1) * plan.block_cols * 4));
+  }
+  if (tokens > 0 && max_rows > 0) {
+    if (H > 0) {
+      plan.gate_up.grid = {static_cast<uint32_t>((H + plan.block_cols - 1) / plan.block_cols),
+                           static_cast<uint32_t>(num_experts), 1};
+    }
+    if (D > 0) {
+      plan.down.grid = {static_cast<uint32_t>((D + plan.block_cols - 1) / plan.block_cols), 1, 1};
+    }
+  }
+  return plan;
+}
+
+}  // namespace mlx_moe::metal
