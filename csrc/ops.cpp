@@ -8,6 +8,7 @@
 #include "metal/gather_qmm_plan.h"
 #include "metal/route_plan.h"
 #include "metal/switch_glu_plan.h"
+#include "metal/switch_glu_quantized_plan.h"
 #include "primitives.h"
 #include <functional>
 #include <limits>
@@ -115,6 +116,34 @@ bool metal_gather_qmm(
   try {
     metal::plan_route(static_cast<int64_t>(lhs.size()), num_experts);
     metal::plan_gather_qmm(rows, rows, N, K, num_experts, f.group_size, f.bits, f.mode, dtype, M, lhs_batches);
+    return true;
+  } catch (const std::invalid_argument&) {
+    return false;
+  }
+}
+
+// Whether the quantized SwitchGLU runs fused on `stream` with our Metal
+// kernels: a decode-sized call (the plan takes at most 8 rows per expert,
+// bounded by T * k, and 128 tokens with scores) in a format they have;
+// larger calls compose our gather_qmm (its prefill kernel).
+bool metal_switch_glu_quantized(
+    const mx::Stream& stream,
+    int64_t tokens,
+    int64_t top_k,
+    int64_t model_dims,
+    int64_t hidden_dims,
+    int64_t num_experts,
+    const QuantizationFormat& f,
+    mx::Dtype dtype,
+    bool scores) {
+  if (!metal_builds() || stream.device != mx::Device::gpu) {
+    return false;
+  }
+  try {
+    metal::plan_route(tokens * top_k, num_experts);
+    metal::plan_switch_glu_quantized(
+        tokens, top_k, metal::switch_glu_row_bound(tokens, top_k), model_dims, hidden_dims, num_experts,
+        f.group_size, f.bits, f.mode, dtype, scores);
     return true;
   } catch (const std::invalid_argument&) {
     return false;
@@ -857,8 +886,11 @@ mx::array switch_glu_quantized(
     return mx::astype(mx::reshape(out, shape, stream), out_dtype, stream);
   };
 
-  if (!has_kernels_for(stream)) {
-    // mlx-lm's composition on mx.gather_qmm.
+  if (!has_kernels_for(stream) &&
+      !metal_switch_glu_quantized(stream, tokens, top_k, model_dims, hidden_dims, num_experts, f, dtype,
+                                  scores.has_value())) {
+    // mlx-lm's composition (on our gather_qmm: MLX's gather_qmm except on
+    // Metal GPUs, where our kernels run it).
     auto project = [&](const mx::array& a, const QuantizedWeight& w, std::optional<mx::array> lhs) {
       auto in = weight_inputs(w);
       std::optional<mx::array> biases;
@@ -883,7 +915,8 @@ mx::array switch_glu_quantized(
 
   const WeightQuantization quantization{f.group_size, f.bits, f.mode, f.mode == "affine"};
   auto routed = make_routing(idx, num_experts, "switch_glu", stream);
-  routed.pop_back();  // the status: only the GPU path needs it
+  const mx::array status = routed.back();
+  routed.pop_back();  // the kernels take order, offsets, sorted_experts
   std::vector<mx::array> gate_up_inputs{x2};
   for (const auto* w : {&gate, &up}) {
     auto in = weight_inputs(*w);
@@ -901,9 +934,10 @@ mx::array switch_glu_quantized(
     down_inputs.push_back(*scores2);
   }
   mx::Shape out_shape = scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
-  return finish(mx::array(
+  auto out = mx::array(
       std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k, quantization),
-      std::move(down_inputs)));
+      std::move(down_inputs));
+  return finish(poison_on_bad_routing(out, status, stream));
 }
 
 } // namespace mlx_moe

@@ -130,13 +130,21 @@ def test_gpu_matches_cpu_kernels_closely():
 
 
 # ------------------------------------------------------------ gather_qmm
+def assert_close_relative(ours: mx.array, theirs: mx.array, tol: float):
+    """Elementwise within ``tol`` of the largest output (the comparisons
+    below are against our CPU path, which rounds 16-bit outputs at other
+    points of the computation)."""
+    a, b = to_f64(ours), to_f64(theirs)
+    assert a.shape == b.shape and np.isfinite(a).all()
+    assert np.abs(a - b).max() <= tol * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
 @pytest.mark.parametrize("bits,group_size,mode", [(4, 64, "affine"), (8, 32, "affine"), (3, 128, "affine"), (4, 32, "mxfp4")])
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_gpu_gather_qmm_decode(dtype, bits, group_size, mode):
-    """One token, top-8 (the decode kernel): against MLX's gather_qmm on the CPU."""
+    """One token, top-8 (the decode kernel): against our CPU kernels (checked
+    against a float64 oracle in test_gather_qmm.py)."""
     E, N, K = 16, 40, 256
     x = rand((1, 1, 1, K), dtype, 1)
-    w = rand((E, N, K), mx.float32, 2)
+    w = rand((E, N, K), mx.float32, 2, K**-0.5)
     packed = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
     scales = packed[1] if mode == "mxfp4" else packed[1].astype(dtype)
     biases = None if mode == "mxfp4" else packed[2].astype(dtype)
@@ -144,16 +152,40 @@ def test_gpu_gather_qmm_decode(dtype, bits, group_size, mode):
     args = (x, packed[0], scales, biases, None, idx)
     kw = dict(transpose=True, group_size=group_size, bits=bits, mode=mode)
     ours = mlx_moe_kernels.gather_qmm(*args, **kw, stream=mx.gpu)
-    theirs = mx.gather_qmm(*args, **kw, stream=mx.cpu)
-    tol = 1e-4 if dtype == mx.float32 else 2e-2
-    np.testing.assert_allclose(to_f64(ours), to_f64(theirs), rtol=tol, atol=tol)
+    theirs = mlx_moe_kernels.gather_qmm(*args, **kw, stream=mx.cpu)
+    assert_close_relative(ours, theirs, 1e-4 if dtype == mx.float32 else 1e-2)
 
 
 def test_gpu_gather_qmm_prefill():
     """More than 8 rows per expert: the quantized prefill kernel."""
     x = rand((20, 1, 1, 128), mx.float16, 3)
-    wq, s, b = mx.quantize(rand((4, 32, 128), mx.float32, 4), group_size=64, bits=4)
+    wq, s, b = mx.quantize(rand((4, 32, 128), mx.float32, 4, 128**-0.5), group_size=64, bits=4)
     idx = indices(np.random.default_rng(1).integers(0, 4, (20, 2)))
     ours = mlx_moe_kernels.gather_qmm(x, wq, s, b, None, idx, transpose=True, group_size=64, bits=4, stream=mx.gpu)
-    theirs = mx.gather_qmm(x, wq, s, b, None, idx, transpose=True, group_size=64, bits=4, stream=mx.cpu)
-    np.testing.assert_allclose(to_f64(ours), to_f64(theirs), rtol=2e-2, atol=2e-2)
+    theirs = mlx_moe_kernels.gather_qmm(x, wq, s, b, None, idx, transpose=True, group_size=64, bits=4, stream=mx.cpu)
+    assert_close_relative(ours, theirs, 1e-2)
+
+
+# ------------------------------------------------- quantized switch_glu
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # fused decode kernels (T * k <= 8), then gather_qmm's
+@pytest.mark.parametrize("bits,mode,group_size", [(4, "affine", 64), (8, "affine", 32), (4, "mxfp4", 32)])
+def test_gpu_quantized_switch_glu(tokens, bits, mode, group_size):
+    """Against the same op on the CPU (our CPU kernels, themselves checked
+    against the reference in test_quantized_layers.py / test_gather_qmm.py)."""
+    E, D, H, k = 8, 128, 64, 2
+    x = rand((tokens, D), mx.bfloat16, 1)
+    weights = []
+    for i, shape in enumerate([(E, H, D), (E, H, D), (E, D, H)]):
+        packed = mx.quantize(rand(shape, mx.float32, 2 + i, shape[-1] ** -0.5), group_size=group_size, bits=bits, mode=mode)
+        if mode == "affine":
+            packed = (packed[0], packed[1].astype(mx.bfloat16), packed[2].astype(mx.bfloat16))
+        else:
+            packed = (packed[0], packed[1], None)  # mxfp4: no biases
+        weights.append(packed)
+    rng = np.random.default_rng(tokens)
+    idx = indices(np.stack([rng.permutation(E)[:k] for _ in range(tokens)]))
+    scores = mx.softmax(rand((tokens, k), mx.float32, 9), axis=-1)
+    kw = dict(group_size=group_size, bits=bits, mode=mode)
+    gpu = switch_glu(x, weights[0], weights[1], weights[2], idx, scores, **kw, stream=mx.gpu)
+    cpu = switch_glu(x, weights[0], weights[1], weights[2], idx, scores, **kw, stream=mx.cpu)
+    assert_close_relative(gpu, cpu, 3e-2)

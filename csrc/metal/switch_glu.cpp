@@ -1,7 +1,8 @@
 // eval_gpu of the fused SwitchGLU primitives (MoeGateUpSwiGLU,
 // MoeDownCombine): the kernels of switch_glu.metal launched exactly as
-// plan_switch_glu says, the plan the simulator tests run. Float weights only:
-// ops.cpp sends quantized SwitchGLUs on GPU streams to MLX's gather_qmm.
+// plan_switch_glu says, the plan the simulator tests run; quantized weights
+// with the kernels of switch_glu_quantized.metal (plan_switch_glu_quantized,
+// decode-sized calls; ops.cpp composes gather_qmm for larger ones).
 #include <stdexcept>
 
 #include <mlx/allocator.h>
@@ -9,6 +10,7 @@
 
 #include "metal/dispatch.h"
 #include "metal/switch_glu_plan.h"
+#include "metal/switch_glu_quantized_plan.h"
 #include "primitives.h"
 
 namespace mlx_moe {
@@ -29,21 +31,74 @@ void set_threadgroup_memory(mx::metal::CommandEncoder& encoder, const metal::Swi
   }
 }
 
-[[noreturn]] void no_quantized_kernels() {
-  throw std::logic_error(
-      "[switch_glu] the quantized SwitchGLU has no Metal dispatch; ops.cpp should have used "
-      "MLX's gather_qmm on this stream");
+// One quantized weight of a primitive's inputs, from index `first`: packed
+// codes (16-byte aligned for the block loads), scales and biases (mxfp4 has
+// none: its scales are bound in the unused slot).
+struct PackedWeight {
+  mx::array codes;
+  mx::array scales;
+  mx::array biases;
+};
+
+PackedWeight packed_weight(
+    const std::vector<mx::array>& inputs,
+    size_t first,
+    const WeightQuantization& q,
+    mx::metal::CommandEncoder& encoder,
+    const mx::Stream& s) {
+  mx::array codes = metal::aligned_rows(inputs[first], encoder, s);
+  mx::array scales = metal::row_contiguous(inputs[first + 1], encoder, s);
+  mx::array biases = q.has_biases ? metal::row_contiguous(inputs[first + 2], encoder, s) : scales;
+  return {codes, scales, biases};
+}
+
+void bind(mx::metal::CommandEncoder& encoder, const PackedWeight& w, int first) {
+  encoder.set_input_array(w.codes, first);
+  encoder.set_input_array(w.scales, first + 1);
+  encoder.set_input_array(w.biases, first + 2);
 }
 
 }  // namespace
 
 void MoeGateUpSwiGLU::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  if (quantization_) {
-    no_quantized_kernels();
-  }
   auto& s = stream();
   auto& device = mx::metal::device(s.device);
   auto& encoder = mx::metal::get_command_encoder(s);
+  if (quantization_) {
+    // Inputs: x [T, D], gate and up (codes [E, H, D * bits / 32], scales,
+    // [biases]), order, offsets, sorted_experts. ops.cpp checked the decode
+    // plan accepts the shapes (larger calls compose gather_qmm).
+    const auto& q = *quantization_;
+    const size_t per_weight = q.inputs_per_weight();
+    const mx::array& x = inputs[0];
+    const PackedWeight gate = packed_weight(inputs, 1, q, encoder, s);
+    const PackedWeight up = packed_weight(inputs, 1 + per_weight, q, encoder, s);
+    const mx::array& order = inputs[1 + 2 * per_weight];
+    const mx::array& offsets = inputs[2 + 2 * per_weight];
+    const int64_t tokens = x.shape(0), D = x.shape(1);
+    const int64_t E = gate.codes.shape(0), H = gate.codes.shape(1);
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const auto plan = metal::plan_switch_glu_quantized(
+        tokens, top_k_, metal::switch_glu_row_bound(tokens, top_k_), D, H, E, q.group_size, q.bits, q.mode,
+        out.dtype(), false);
+    const auto& launch = plan.gate_up;
+    if (metal::empty_grid(launch.grid)) {
+      return;
+    }
+    metal::use_pipeline(encoder, metal::pipeline(device, launch.kernel), launch.kernel, launch.threads);
+    // Buffers as switch_glu_quantized.metal: 0 x, 1-3 gate, 4-6 up, 7 order,
+    // 8 offsets, 9 hidden, 10 params.
+    encoder.set_input_array(x, 0);
+    bind(encoder, gate, 1);
+    bind(encoder, up, 4);
+    encoder.set_input_array(order, 7);
+    encoder.set_input_array(offsets, 8);
+    encoder.set_output_array(out, 9);
+    encoder.set_bytes(plan.params, 10);
+    set_threadgroup_memory(encoder, launch);
+    metal::dispatch(encoder, launch.grid, launch.threads);
+    return;
+  }
   // Inputs: x [T, D], gate [E, H, D], up [E, H, D], order, offsets, sorted_experts.
   const mx::array& x = inputs[0];
   const mx::array gate = dense(inputs[1], encoder, s);
@@ -74,12 +129,46 @@ void MoeGateUpSwiGLU::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
 }
 
 void MoeDownCombine::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  if (quantization_) {
-    no_quantized_kernels();
-  }
   auto& s = stream();
   auto& device = mx::metal::device(s.device);
   auto& encoder = mx::metal::get_command_encoder(s);
+  if (quantization_) {
+    // Inputs: hidden [T * k, H] (sorted order), down (codes [E, D, H * bits /
+    // 32], scales, [biases]), order, offsets, sorted_experts, [scores].
+    const auto& q = *quantization_;
+    const size_t per_weight = q.inputs_per_weight();
+    const mx::array& hidden = inputs[0];
+    const PackedWeight down = packed_weight(inputs, 1, q, encoder, s);
+    const mx::array& order = inputs[1 + per_weight];
+    const mx::array& offsets = inputs[2 + per_weight];
+    const bool has_scores = inputs.size() > 4 + per_weight;
+    const int64_t slots = hidden.shape(0), H = hidden.shape(1);
+    const int64_t tokens = slots / top_k_;
+    const int64_t E = down.codes.shape(0), D = down.codes.shape(1);
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const auto plan = metal::plan_switch_glu_quantized(
+        tokens, top_k_, metal::switch_glu_row_bound(tokens, top_k_), D, H, E, q.group_size, q.bits, q.mode,
+        out.dtype(), has_scores);
+    const auto& launch = plan.down;
+    if (metal::empty_grid(launch.grid)) {
+      return;
+    }
+    metal::use_pipeline(encoder, metal::pipeline(device, launch.kernel), launch.kernel, launch.threads);
+    // Buffers as switch_glu_quantized.metal: 0 hidden, 1-3 down, 4 order,
+    // 5 offsets, 6 out, 7 params, 8 scores.
+    encoder.set_input_array(hidden, 0);
+    bind(encoder, down, 1);
+    encoder.set_input_array(order, 4);
+    encoder.set_input_array(offsets, 5);
+    encoder.set_output_array(out, 6);
+    encoder.set_bytes(plan.params, 7);
+    if (has_scores) {
+      encoder.set_input_array(inputs[4 + per_weight], 8);
+    }
+    set_threadgroup_memory(encoder, launch);
+    metal::dispatch(encoder, launch.grid, launch.threads);
+    return;
+  }
   // Inputs: hidden [T * k, H] (sorted order), down [E, D, H], order, offsets,
   // sorted_experts, [scores [T, k] float32].
   const mx::array& hidden = inputs[0];

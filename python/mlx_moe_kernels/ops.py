@@ -56,7 +56,9 @@ def gather_mm(
         IndexError: For an index outside ``[0, number of matrices)``
             when the indices are already computed at the call.
         RuntimeError: For such an index in lazily computed indices, when
-            the result is evaluated (never an out-of-bounds read).
+            the result is evaluated (never an out-of-bounds read). On a
+            Metal GPU the affected outputs are NaN instead (a GPU cannot
+            raise during its asynchronous evaluation).
     """
     return _ext.gather_mm(
         a, b, lhs_indices, rhs_indices, sorted_indices=sorted_indices, stream=stream
@@ -127,7 +129,8 @@ def gather_qmm(
         IndexError: For an index outside its range when the indices are
             already computed at the call.
         RuntimeError: For such an index in lazily computed indices, when the
-            result is evaluated (never an out-of-bounds read).
+            result is evaluated (never an out-of-bounds read). On a Metal
+            GPU the affected outputs are NaN instead.
     """
     return _ext.gather_qmm(
         x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits, mode,
@@ -216,7 +219,9 @@ def switch_glu(
         IndexError: For an index outside ``[0, E)`` when the indices are
             already computed at the call.
         RuntimeError: For such an index in lazily computed indices, when
-            the result is evaluated (never an out-of-bounds read).
+            the result is evaluated (never an out-of-bounds read). On a
+            Metal GPU, which cannot raise during its asynchronous
+            evaluation, the output is NaN instead.
     """
     quantized = [isinstance(w, (tuple, list)) for w in (gate_weight, up_weight, down_weight)]
     if any(quantized):
@@ -244,7 +249,9 @@ def route(
     *,
     stream: StreamOrDevice = None,
 ) -> Tuple[mx.array, mx.array]:
-    """Group the token slots of a top-k routing by expert.
+    """Group the token slots of a top-k routing by expert (always evaluated
+    on the CPU, whatever ``stream`` says: a small integer sort, and there a
+    bad index can raise).
 
     The slots of ``indices`` (``[..., k]``) are numbered in row-major order,
     ``s = t * k + j``. ``order`` lists them sorted by expert, stably (slots
