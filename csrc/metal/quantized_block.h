@@ -14,8 +14,10 @@ constant constexpr uint QMM_SIMD_WIDTH = 32;
 constant constexpr uint QMM_COLS = 4;    // output columns per simdgroup
 constant constexpr uint QMM_BLOCK = 32;  // elements of K per lane per step
 
-// The 16 values of a 4-bit e2m1 float (mxfp4).
-constant float QMM_E2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+// The 16 values of a 4-bit e2m1 float (mxfp4). constexpr: this header is
+// included by several .metal files linked into one metallib, so its
+// program-scope constants must not be exported symbols.
+constant constexpr float QMM_E2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
                                -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 // 2^(s - 127) for an E8M0 scale byte (255 is NaN).
