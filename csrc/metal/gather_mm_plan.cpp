@@ -1,4 +1,5 @@
 #include "metal/gather_mm_plan.h"
+#include "metal/plan_common.h"
 
 #include <algorithm>
 #include <limits>
@@ -8,23 +9,10 @@ namespace mlx_moe::metal {
 
 namespace {
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+constexpr const char* kOp = "gather_mm";
 
 uint32_t to_u32(int64_t v, const char* what) {
-  if (v < 0 || v > std::numeric_limits<uint32_t>::max()) {
-    throw std::invalid_argument(std::string("[gather_mm] ") + what + " out of range for the Metal kernels");
-  }
-  return static_cast<uint32_t>(v);
-}
-
-// MSL type name (kernel-name suffix) and size of a supported dtype.
-std::pair<const char*, int64_t> type_of(mlx::core::Dtype dtype) {
-  if (dtype == mlx::core::float32) return {"float", 4};
-  if (dtype == mlx::core::float16) return {"half", 2};
-  if (dtype == mlx::core::bfloat16) return {"bfloat", 2};
-  throw std::invalid_argument("[gather_mm] the Metal kernels take float32, float16 or bfloat16");
+  return metal::to_u32(v, kOp, what);
 }
 
 }  // namespace
@@ -38,7 +26,7 @@ GatherMMLaunch plan_gather_mm(
     mlx::core::Dtype dtype,
     int64_t rows_per_index,
     int64_t lhs_batches) {
-  auto [type_name, type_size] = type_of(dtype);
+  auto [type_name, type_size] = msl_type(dtype, kOp);
   if (rows < 0 || N < 0 || K < 0 || num_experts < 1 || max_rows_per_expert < 0) {
     throw std::invalid_argument("[gather_mm] negative sizes or no experts");
   }

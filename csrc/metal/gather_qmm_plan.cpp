@@ -1,4 +1,5 @@
 #include "metal/gather_qmm_plan.h"
+#include "metal/plan_common.h"
 
 #include <algorithm>
 #include <limits>
@@ -8,22 +9,10 @@ namespace mlx_moe::metal {
 
 namespace {
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+constexpr const char* kOp = "gather_qmm";
 
 uint32_t to_u32(int64_t v, const char* what) {
-  if (v < 0 || v > std::numeric_limits<uint32_t>::max()) {
-    throw std::invalid_argument(std::string("[gather_qmm] ") + what + " out of range for the Metal kernels");
-  }
-  return static_cast<uint32_t>(v);
-}
-
-std::pair<const char*, int64_t> type_of(mlx::core::Dtype dtype) {
-  if (dtype == mlx::core::float32) return {"float", 4};
-  if (dtype == mlx::core::float16) return {"half", 2};
-  if (dtype == mlx::core::bfloat16) return {"bfloat", 2};
-  throw std::invalid_argument("[gather_qmm] the Metal kernels take float32, float16 or bfloat16");
+  return metal::to_u32(v, kOp, what);
 }
 
 // More than kQmmDecodeMaxRowsPerExpert rows per expert: the
@@ -64,7 +53,7 @@ GatherQMMLaunch plan_gather_qmm(
     mlx::core::Dtype dtype,
     int64_t rows_per_index,
     int64_t lhs_batches) {
-  auto [type_name, type_size] = type_of(dtype);
+  auto [type_name, type_size] = msl_type(dtype, kOp);
   std::string variant;
   if (mode == "affine") {
     if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) {

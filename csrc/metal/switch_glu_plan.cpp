@@ -1,4 +1,5 @@
 #include "metal/switch_glu_plan.h"
+#include "metal/plan_common.h"
 
 #include <algorithm>
 #include <limits>
@@ -8,26 +9,10 @@ namespace mlx_moe::metal {
 
 namespace {
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-int64_t round16(int64_t bytes) {
-  return ceil_div(bytes, 16) * 16;
-}
+constexpr const char* kOp = "switch_glu";
 
 uint32_t to_u32(int64_t v, const char* what) {
-  if (v < 0 || v > std::numeric_limits<uint32_t>::max()) {
-    throw std::invalid_argument(std::string("[switch_glu] ") + what + " out of range for the Metal kernels");
-  }
-  return static_cast<uint32_t>(v);
-}
-
-std::pair<const char*, int64_t> type_of(mlx::core::Dtype dtype) {
-  if (dtype == mlx::core::float32) return {"float", 4};
-  if (dtype == mlx::core::float16) return {"half", 2};
-  if (dtype == mlx::core::bfloat16) return {"bfloat", 2};
-  throw std::invalid_argument("[switch_glu] the Metal kernels take float32, float16 or bfloat16");
+  return metal::to_u32(v, kOp, what);
 }
 
 // Elements of a reduction of length `len` staged per pass for bm rows:
@@ -107,7 +92,7 @@ SwitchGluPlan plan_switch_glu(
     int64_t num_experts,
     mlx::core::Dtype dtype,
     bool scores) {
-  auto [type_name, type_size] = type_of(dtype);
+  auto [type_name, type_size] = msl_type(dtype, kOp);
   if (tokens < 0 || top_k < 1 || D < 0 || H < 0 || num_experts < 1 || max_rows_per_expert < 0) {
     throw std::invalid_argument("[switch_glu] negative sizes, top_k < 1 or no experts");
   }

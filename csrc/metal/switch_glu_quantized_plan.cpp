@@ -1,4 +1,5 @@
 #include "metal/switch_glu_quantized_plan.h"
+#include "metal/plan_common.h"
 
 #include <algorithm>
 #include <limits>
@@ -13,10 +14,7 @@ namespace {
 }
 
 uint32_t to_u32(int64_t v, const char* what) {
-  if (v < 0 || v > std::numeric_limits<uint32_t>::max()) {
-    reject(std::string(what) + " out of range");
-  }
-  return static_cast<uint32_t>(v);
+  return metal::to_u32(v, "switch_glu", what);
 }
 
 // Elements of a reduction of length `len` (a multiple of 32) staged per pass
@@ -40,17 +38,10 @@ SwitchGluQuantizedPlan plan_switch_glu_quantized(
     const std::string& mode,
     mlx::core::Dtype dtype,
     bool scores) {
-  const char* type_name = nullptr;
-  int64_t type_size = 0;
-  if (dtype == mlx::core::float32) {
-    type_name = "float", type_size = 4;
-  } else if (dtype == mlx::core::float16) {
-    type_name = "half", type_size = 2;
-  } else if (dtype == mlx::core::bfloat16) {
-    type_name = "bfloat", type_size = 2;
-  } else {
+  if (dtype != mlx::core::float32 && dtype != mlx::core::float16 && dtype != mlx::core::bfloat16) {
     reject("float32, float16 or bfloat16 only");
   }
+  const auto [type_name, type_size] = msl_type(dtype, "switch_glu");
   std::string variant;
   if (mode == "affine" && (bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) &&
       (group_size == 32 || group_size == 64 || group_size == 128)) {
@@ -94,23 +85,22 @@ SwitchGluQuantizedPlan plan_switch_glu_quantized(
   p.group_size = static_cast<uint32_t>(group_size);
   p.bits = static_cast<uint32_t>(bits);
   const std::string suffix = std::string("_") + type_name + "_" + variant + "_bm" + std::to_string(bm);
-  auto round16 = [](int64_t bytes) { return static_cast<uint32_t>((bytes + 15) / 16 * 16); };
   plan.gate_up.kernel = "moe_gate_up_swiglu_quantized_decode" + suffix;
   plan.gate_up.threads = {kSwitchGluThreads, 1, 1};
-  plan.gate_up.threadgroup_memory = {round16(bm * d_chunk * type_size)};
+  plan.gate_up.threadgroup_memory = {static_cast<uint32_t>(round16(bm * d_chunk * type_size))};
   plan.down.kernel = std::string(scores ? "moe_down_combine_quantized_decode" : "moe_down_slots_quantized_decode") + suffix;
   plan.down.threads = {kSwitchGluThreads, 1, 1};
-  plan.down.threadgroup_memory = {round16(bm * h_chunk * type_size)};
+  plan.down.threadgroup_memory = {static_cast<uint32_t>(round16(bm * h_chunk * type_size))};
   if (scores) {
-    plan.down.threadgroup_memory.push_back(round16(std::max<int64_t>(tokens, 1) * plan.block_cols * 4));
+    plan.down.threadgroup_memory.push_back(
+        static_cast<uint32_t>(round16(std::max<int64_t>(tokens, 1) * plan.block_cols * 4)));
   }
   if (tokens > 0 && max_rows > 0) {
     if (H > 0) {
-      plan.gate_up.grid = {static_cast<uint32_t>((H + plan.block_cols - 1) / plan.block_cols),
-                           static_cast<uint32_t>(num_experts), 1};
+      plan.gate_up.grid = {static_cast<uint32_t>(ceil_div(H, plan.block_cols)), static_cast<uint32_t>(num_experts), 1};
     }
     if (D > 0) {
-      plan.down.grid = {static_cast<uint32_t>((D + plan.block_cols - 1) / plan.block_cols), 1, 1};
+      plan.down.grid = {static_cast<uint32_t>(ceil_div(D, plan.block_cols)), 1, 1};
     }
   }
   return plan;
