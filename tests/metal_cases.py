@@ -1,14 +1,73 @@
-"""Inputs shared by the Metal kernels' simulator tests: index-entry layouts
-(the routing the gather kernels read: offsets over sorted positions, order,
-lhs, as route.metal and the Metal dispatch produce it) and quantized
-weights with their exact float64 values."""
+"""Helpers shared by the Metal kernels' simulator tests (test_metal_*.py):
+a cached simulator build per source and variant, device buffers in the
+kernels' dtypes (bfloat16 as its bits), NaN-filled output buffers, a bound
+check, index-entry layouts (the routing the gather kernels read: offsets
+over sorted positions, order, lhs, as route.metal and the Metal dispatch
+produce it) and quantized weights with their exact float64 values."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
+
+from metal_sim import build
+
+
+def simulator(tmp_path_factory, source: Path) -> Callable:
+    """get(race_check=True, **defines) -> the built Library of `source`
+    (cached per variant, for a session fixture). Defines select fault
+    toggles or a subset of instantiations."""
+    build_dir = tmp_path_factory.mktemp(source.stem)
+    cache = {}
+
+    def get(race_check: bool = True, **defines):
+        key = (race_check, tuple(sorted(defines.items())))
+        if key not in cache:
+            cache[key] = build([source], build_dir=build_dir, defines=defines, race_check=race_check)
+        return cache[key]
+
+    return get
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even (finite inputs)."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF).astype(np.uint16)
+
+
+def to_device(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values -> the buffer a kernel reads (bfloat16 as its bits)."""
+    if dtype == "float32":
+        return np.ascontiguousarray(values, np.float32)
+    if dtype == "float16":
+        return np.ascontiguousarray(values.astype(np.float16))
+    return np.ascontiguousarray(bf16_bits(values))
+
+
+def from_device(buf: np.ndarray, dtype: str) -> np.ndarray:
+    """A kernel's buffer of `dtype` as float64 (exact)."""
+    if dtype == "bfloat16":
+        return (np.asarray(buf, np.uint32) << 16).view(np.float32).astype(np.float64)
+    return np.asarray(buf).astype(np.float64)
+
+
+def nan_buffer(shape, dtype: str) -> np.ndarray:
+    """An output buffer full of NaN: an element the kernel never writes shows."""
+    if dtype == "bfloat16":
+        return np.full(shape, 0xFFFF, np.uint16)
+    return np.full(shape, np.nan, np.float32 if dtype == "float32" else np.float16)
+
+
+def check(got: np.ndarray, exact: np.ndarray, bound: np.ndarray, what: str):
+    """|got - exact| <= bound everywhere (NaN fails), with the first miss."""
+    bad = ~(np.abs(got - exact) <= bound)
+    assert not bad.any(), (
+        f"{what}: {bad.sum()} of {bad.size} wrong, first at {np.argwhere(bad)[0]}: "
+        f"got {got[bad][0]}, exact {exact[bad][0]}, bound {bound[bad][0]}"
+    )
 
 
 def routed_entries(counts: Sequence[int], rng: np.random.Generator, identity: bool = False):

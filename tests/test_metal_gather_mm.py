@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metal_cases import entries_by_expert, routed_entries  # noqa: E402
-from metal_sim import MetalSimError, build  # noqa: E402
+from metal_cases import entries_by_expert, from_device, nan_buffer, routed_entries, simulator, to_device  # noqa: E402
+from metal_sim import MetalSimError  # noqa: E402
 
 mx = pytest.importorskip("mlx.core")
 from mlx_moe_kernels import _ext  # noqa: E402
@@ -42,49 +42,10 @@ MANTISSA_BITS = {"float32": 23, "float16": 10, "bfloat16": 7}
 @pytest.fixture(scope="session")
 def sim(tmp_path_factory):
     """sim(race_check=True, FAULT_MACRO=1) -> built Library (cached per variant)."""
-    build_dir = tmp_path_factory.mktemp("metal_gather_mm")
-    cache = {}
-
-    def get(race_check: bool = True, **defines):
-        key = (race_check, tuple(sorted(defines.items())))
-        if key not in cache:
-            cache[key] = build([METAL_SOURCE], build_dir=build_dir, defines=defines, race_check=race_check)
-        return cache[key]
-
-    return get
+    return simulator(tmp_path_factory, METAL_SOURCE)
 
 
 # ------------------------------------------------------------- data, oracle
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits, round to nearest even (finite inputs)."""
-    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF).astype(np.uint16)
-
-
-def from_bf16_bits(b: np.ndarray) -> np.ndarray:
-    return (np.asarray(b, np.uint32) << 16).view(np.float32)
-
-
-def to_device(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values -> the buffer the kernel reads (bfloat16 as its bits)."""
-    if dtype == "float32":
-        return np.ascontiguousarray(values, np.float32)
-    if dtype == "float16":
-        return np.ascontiguousarray(values.astype(np.float16))
-    return np.ascontiguousarray(bf16_bits(values))
-
-
-def from_device(buf: np.ndarray, dtype: str) -> np.ndarray:
-    return from_bf16_bits(buf).astype(np.float64) if dtype == "bfloat16" else buf.astype(np.float64)
-
-
-def nan_buffer(shape, dtype: str) -> np.ndarray:
-    """An output buffer full of NaN: an element the kernel never writes shows."""
-    if dtype == "bfloat16":
-        return np.full(shape, 0xFFFF, np.uint16)
-    return np.full(shape, np.nan, np.float32 if dtype == "float32" else np.float16)
-
-
 class Case:
     """One gather_mm problem: index entries per expert (counts), N, K, dtype,
     M rows per entry; the inputs in the kernels' layout, and the oracle.

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metal_cases import device_buffer, entries_by_expert, quantized_weights, routed_entries  # noqa: E402
-from metal_sim import MetalSimError, build  # noqa: E402
+from metal_cases import device_buffer, entries_by_expert, from_device, nan_buffer, quantized_weights, routed_entries, simulator  # noqa: E402
+from metal_sim import MetalSimError  # noqa: E402
 
 mx = pytest.importorskip("mlx.core")
 from mlx_moe_kernels import _ext  # noqa: E402
@@ -44,30 +44,14 @@ def sim(tmp_path_factory):
     """sim(race_check=True, only=None, FAULT=1) -> built Library (cached).
     only: build just one variant's instantiations (GATHER_QMM_ONLY_VARIANT:
     the affine width, 1 for mxfp4), which keeps the extra builds quick."""
-    build_dir = tmp_path_factory.mktemp("metal_gather_qmm")
-    cache = {}
+    get = simulator(tmp_path_factory, METAL_SOURCE)
 
-    def get(race_check: bool = True, only: int | None = None, **defines):
+    def get_variant(race_check: bool = True, only: int | None = None, **defines):
         if only is not None:
             defines["GATHER_QMM_ONLY_VARIANT"] = only
-        key = (race_check, tuple(sorted(defines.items())))
-        if key not in cache:
-            cache[key] = build([METAL_SOURCE], build_dir=build_dir, defines=defines, race_check=race_check)
-        return cache[key]
+        return get(race_check, **defines)
 
-    return get
-
-
-def from_device(buf: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return (buf.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return buf.astype(np.float64)
-
-
-def nan_buffer(shape, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return np.full(shape, 0xFFFF, np.uint16)
-    return np.full(shape, np.nan, np.float32 if dtype == "float32" else np.float16)
+    return get_variant
 
 
 class Case:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metal_sim import MetalSimError, build  # noqa: E402
+from metal_cases import simulator  # noqa: E402
+from metal_sim import MetalSimError  # noqa: E402
 
 pytest.importorskip("mlx.core")
 from mlx_moe_kernels import _ext  # noqa: E402
@@ -33,16 +34,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def sim(tmp_path_factory):
     """sim(race_check=True, FAULT_MACRO=1) -> built Library (cached per variant)."""
-    build_dir = tmp_path_factory.mktemp("metal_route")
-    cache = {}
-
-    def get(race_check: bool = True, **defines):
-        key = (race_check, tuple(sorted(defines.items())))
-        if key not in cache:
-            cache[key] = build([METAL_SOURCE], build_dir=build_dir, defines=defines, race_check=race_check)
-        return cache[key]
-
-    return get
+    return simulator(tmp_path_factory, METAL_SOURCE)
 
 
 def run_route(lib, indices, E, threads=None, **launch):

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metal_sim import MetalSimError, build  # noqa: E402
+from metal_cases import check, from_device, nan_buffer, simulator, to_device  # noqa: E402
+from metal_sim import MetalSimError  # noqa: E402
 
 mx = pytest.importorskip("mlx.core")
 from mlx_moe_kernels import _ext  # noqa: E402
@@ -44,55 +45,12 @@ EPS32 = 2.0**-24
 @pytest.fixture(scope="session")
 def sim(tmp_path_factory):
     """sim(race_check=True, FAULT_MACRO=1) -> built Library (cached per variant)."""
-    build_dir = tmp_path_factory.mktemp("metal_switch_glu")
-    cache = {}
-
-    def get(race_check: bool = True, **defines):
-        key = (race_check, tuple(sorted(defines.items())))
-        if key not in cache:
-            cache[key] = build([METAL_SOURCE], build_dir=build_dir, defines=defines, race_check=race_check)
-        return cache[key]
-
-    return get
+    return simulator(tmp_path_factory, METAL_SOURCE)
 
 
 # ------------------------------------------------------------- data, oracle
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits, round to nearest even (finite inputs)."""
-    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF).astype(np.uint16)
-
-
-def to_device(values: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "float32":
-        return np.ascontiguousarray(values, np.float32)
-    if dtype == "float16":
-        return np.ascontiguousarray(values.astype(np.float16))
-    return np.ascontiguousarray(bf16_bits(values))
-
-
-def from_device(buf: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return (np.asarray(buf, np.uint32) << 16).view(np.float32).astype(np.float64)
-    return buf.astype(np.float64)
-
-
-def nan_buffer(shape, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return np.full(shape, 0xFFFF, np.uint16)
-    return np.full(shape, np.nan, np.float32 if dtype == "float32" else np.float16)
-
-
 def silu(g):
     return g / (1.0 + np.exp(-g))
-
-
-def check(got, exact, bound, what):
-    bad = ~(np.abs(got - exact) <= bound)  # NaN counts as bad
-    assert not bad.any(), (
-        f"{what}: {bad.sum()} of {bad.size} wrong, first at {np.argwhere(bad)[0]}: "
-        f"got {got[bad][0]}, exact {exact[bad][0]}, bound {bound[bad][0]}"
-    )
 
 
 class Case:

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metal_cases import device_buffer, quantized_weights  # noqa: E402
-from metal_sim import MetalSimError, build  # noqa: E402
+from metal_cases import check, device_buffer, from_device, nan_buffer, quantized_weights, simulator  # noqa: E402
+from metal_sim import MetalSimError  # noqa: E402
 
 mx = pytest.importorskip("mlx.core")
 from mlx_moe_kernels import _ext  # noqa: E402
@@ -45,37 +45,12 @@ def sim(tmp_path_factory):
     """sim(variant, race_check=True, FAULT=1) -> the build with one quantized
     variant's instantiations (SWITCH_GLU_Q_ONLY_VARIANT: the affine width, 1
     for mxfp4), cached."""
-    build_dir = tmp_path_factory.mktemp("metal_switch_glu_quantized")
-    cache = {}
+    get = simulator(tmp_path_factory, METAL_SOURCE)
 
-    def get(variant: int, race_check: bool = True, **defines):
-        defines["SWITCH_GLU_Q_ONLY_VARIANT"] = variant
-        key = (race_check, tuple(sorted(defines.items())))
-        if key not in cache:
-            cache[key] = build([METAL_SOURCE], build_dir=build_dir, defines=defines, race_check=race_check)
-        return cache[key]
+    def get_variant(variant: int, race_check: bool = True, **defines):
+        return get(race_check, SWITCH_GLU_Q_ONLY_VARIANT=variant, **defines)
 
-    return get
-
-
-def from_device(buf: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return (buf.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return buf.astype(np.float64)
-
-
-def nan_buffer(shape, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return np.full(shape, 0xFFFF, np.uint16)
-    return np.full(shape, np.nan, np.float32 if dtype == "float32" else np.float16)
-
-
-def check(got, exact, bound, what):
-    bad = ~(np.abs(got - exact) <= bound)  # NaN counts as bad
-    assert not bad.any(), (
-        f"{what}: {bad.sum()} of {bad.size} wrong, first at {np.argwhere(bad)[0]}: "
-        f"got {got[bad][0]}, exact {exact[bad][0]}, bound {bound[bad][0]}"
-    )
+    return get_variant
 
 
 def silu(g):
