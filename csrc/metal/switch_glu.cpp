@@ -4,6 +4,7 @@
 // with the kernels of switch_glu_quantized.metal (plan_switch_glu_quantized,
 // decode-sized calls; ops.cpp composes gather_qmm for larger ones).
 #include <stdexcept>
+#include <string>
 
 #include <mlx/allocator.h>
 #include <mlx/backend/metal/device.h>
@@ -23,6 +24,25 @@ namespace {
 // separate gate and up weights, which need no copy).
 mx::array dense(const mx::array& a, mx::metal::CommandEncoder& encoder, const mx::Stream& s) {
   return metal::aligned_rows(a, encoder, s);
+}
+
+// The quantized decode plan for shapes that may differ from those ops.cpp
+// checked: under mx.compile(shapeless=True) the graph (fused kernels or the
+// gather_qmm composition) is fixed when traced, so a larger call reaches
+// the decode-only kernels here and cannot switch paths.
+metal::SwitchGluQuantizedPlan quantized_plan(
+    int64_t tokens, int top_k, int64_t D, int64_t H, int64_t E, const WeightQuantization& q, mx::Dtype dtype,
+    bool scores) {
+  try {
+    return metal::plan_switch_glu_quantized(
+        tokens, top_k, metal::switch_glu_row_bound(tokens, top_k), D, H, E, q.group_size, q.bits, q.mode, dtype,
+        scores);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(
+        std::string(e.what()) +
+        ". This call was traced (mx.compile(shapeless=True)) with a smaller number of tokens; "
+        "compile without shapeless=True to let larger calls take the composed path.");
+  }
 }
 
 void set_threadgroup_memory(mx::metal::CommandEncoder& encoder, const metal::SwitchGluLaunch& launch) {
@@ -78,9 +98,7 @@ void MoeGateUpSwiGLU::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
     const int64_t tokens = x.shape(0), D = x.shape(1);
     const int64_t E = gate.codes.shape(0), H = gate.codes.shape(1);
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    const auto plan = metal::plan_switch_glu_quantized(
-        tokens, top_k_, metal::switch_glu_row_bound(tokens, top_k_), D, H, E, q.group_size, q.bits, q.mode,
-        out.dtype(), false);
+    const auto plan = quantized_plan(tokens, top_k_, D, H, E, q, out.dtype(), false);
     const auto& launch = plan.gate_up;
     if (metal::empty_grid(launch.grid)) {
       return;
@@ -146,9 +164,7 @@ void MoeDownCombine::eval_gpu(const std::vector<mx::array>& inputs, mx::array& o
     const int64_t tokens = slots / top_k_;
     const int64_t E = down.codes.shape(0), D = down.codes.shape(1);
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    const auto plan = metal::plan_switch_glu_quantized(
-        tokens, top_k_, metal::switch_glu_row_bound(tokens, top_k_), D, H, E, q.group_size, q.bits, q.mode,
-        out.dtype(), has_scores);
+    const auto plan = quantized_plan(tokens, top_k_, D, H, E, q, out.dtype(), has_scores);
     const auto& launch = plan.down;
     if (metal::empty_grid(launch.grid)) {
       return;
