@@ -64,14 +64,22 @@ void GatherMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   // accept them). Output [*I, M, N].
   const mx::array& a = inputs[0];
   const mx::array& b = inputs[1];
-  const int64_t M = a.shape(-2), K = a.shape(-1), N = b.shape(-1);
-  const int64_t lhs_batches = static_cast<int64_t>(a.size()) / (M * K);
-  const int64_t num_experts = static_cast<int64_t>(b.size()) / (K * N);
-  const int64_t entries = static_cast<int64_t>(inputs[2].size());
   if (out.size() == 0) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     return;
   }
+  // out [*I, M, N] is not empty, so M, N >= 1; K = 0 (possible under
+  // shapeless compilation) is a product of empty sums.
+  const int64_t M = a.shape(-2), K = a.shape(-1), N = b.shape(-1);
+  if (K == 0) {
+    mx::array zero(0.0f, out.dtype());
+    encoder.add_temporary(zero);
+    mx::fill_gpu(zero, out, s);
+    return;
+  }
+  const int64_t lhs_batches = static_cast<int64_t>(a.size()) / (M * K);
+  const int64_t num_experts = static_cast<int64_t>(b.size()) / (K * N);
+  const int64_t entries = static_cast<int64_t>(inputs[2].size());
   // The kernels read x [lhs_batches * M, K] and w [E, N, K] densely (w with
   // 16-byte loads, so aligned): b^T is row-contiguous when b is a transposed
   // view of [E, N, K] weights (mlx-lm's SwitchLinear: no copy); any other
@@ -112,14 +120,15 @@ void GatherQMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const bool has_biases = inputs.size() == 6;
   const mx::array& x_in = inputs[0];
   const mx::array& w = inputs[1];
-  const int64_t M = x_in.shape(-2), K = x_in.shape(-1), N = w.shape(-2);
-  const int64_t lhs_batches = static_cast<int64_t>(x_in.size()) / (M * K);
-  const int64_t num_experts = static_cast<int64_t>(w.size()) / (N * w.shape(-1));
-  const int64_t entries = static_cast<int64_t>(inputs[inputs.size() - 2].size());
   if (out.size() == 0) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     return;
   }
+  // M, N >= 1 (out is not empty) and K >= group_size (the packed format).
+  const int64_t M = x_in.shape(-2), K = x_in.shape(-1), N = w.shape(-2);
+  const int64_t lhs_batches = static_cast<int64_t>(x_in.size()) / (M * K);
+  const int64_t num_experts = static_cast<int64_t>(w.size()) / (N * w.shape(-1));
+  const int64_t entries = static_cast<int64_t>(inputs[inputs.size() - 2].size());
   const mx::array x = metal::row_contiguous(x_in, encoder, s);
   const mx::array packed = metal::aligned_rows(w, encoder, s);  // uint4 / uint2 block loads
   const mx::array scales = metal::row_contiguous(inputs[2], encoder, s);
