@@ -125,25 +125,46 @@ SwitchGluPlan plan_switch_glu(
   p.h_chunk = static_cast<uint32_t>(h_chunk);
 
   const std::string suffix = std::string("_") + type_name + "_bm" + std::to_string(bm);
-  plan.gate_up.kernel = "moe_gate_up_swiglu_decode" + suffix;
-  plan.gate_up.threads = {kSwitchGluThreads, 1, 1};
-  plan.gate_up.threadgroup_memory = {static_cast<uint32_t>(round16(bm * d_chunk * type_size))};
-  plan.down.kernel = (scores ? "moe_down_combine_decode" : "moe_down_slots_decode") + suffix;
-  plan.down.threads = {kSwitchGluThreads, 1, 1};
-  plan.down.threadgroup_memory = {static_cast<uint32_t>(round16(bm * h_chunk * type_size))};
+  plan_decode_launches(
+      plan.gate_up, plan.down, "moe_gate_up_swiglu_decode" + suffix,
+      (scores ? "moe_down_combine_decode" : "moe_down_slots_decode") + suffix, bm, d_chunk, h_chunk, type_size,
+      tokens, max_rows, D, H, num_experts, scores);
+  return plan;
+}
+
+void plan_decode_launches(
+    SwitchGluLaunch& gate_up,
+    SwitchGluLaunch& down,
+    std::string gate_up_kernel,
+    std::string down_kernel,
+    int64_t bm,
+    int64_t d_chunk,
+    int64_t h_chunk,
+    int64_t type_size,
+    int64_t tokens,
+    int64_t max_rows,
+    int64_t D,
+    int64_t H,
+    int64_t num_experts,
+    bool scores) {
+  constexpr int64_t block_cols = kSwitchGluThreads / 32 * kSwitchGluColsPerSimdgroup;
+  gate_up.kernel = std::move(gate_up_kernel);
+  gate_up.threads = {kSwitchGluThreads, 1, 1};
+  gate_up.threadgroup_memory = {static_cast<uint32_t>(round16(bm * d_chunk * type_size))};
+  down.kernel = std::move(down_kernel);
+  down.threads = {kSwitchGluThreads, 1, 1};
+  down.threadgroup_memory = {static_cast<uint32_t>(round16(bm * h_chunk * type_size))};
   if (scores) {
-    plan.down.threadgroup_memory.push_back(
-        static_cast<uint32_t>(round16(std::max<int64_t>(tokens, 1) * plan.block_cols * 4)));
+    down.threadgroup_memory.push_back(static_cast<uint32_t>(round16(std::max<int64_t>(tokens, 1) * block_cols * 4)));
   }
   if (tokens > 0 && max_rows > 0) {
     if (H > 0) {
-      plan.gate_up.grid = {static_cast<uint32_t>(ceil_div(H, plan.block_cols)), static_cast<uint32_t>(num_experts), 1};
+      gate_up.grid = {static_cast<uint32_t>(ceil_div(H, block_cols)), static_cast<uint32_t>(num_experts), 1};
     }
     if (D > 0) {
-      plan.down.grid = {static_cast<uint32_t>(ceil_div(D, plan.block_cols)), 1, 1};
+      down.grid = {static_cast<uint32_t>(ceil_div(D, block_cols)), 1, 1};
     }
   }
-  return plan;
 }
 
 }  // namespace mlx_moe::metal

@@ -69,6 +69,27 @@ struct SwitchGluPlan {
   SwitchGluParams params{};  // [[buffer(6)]] of gate_up, [[buffer(5)]] of down, sent as is
 };
 
+// The two decode launches shared by the float and the quantized decode
+// kernels: gate_up over (32-column tile of H, expert), down over 32-column
+// tiles of D (all experts in each threadgroup); `bm` staged rows of d_chunk
+// / h_chunk elements of `type_size` bytes, plus the per-token float
+// accumulators of the down launch with scores. Kernel names as given.
+void plan_decode_launches(
+    SwitchGluLaunch& gate_up,
+    SwitchGluLaunch& down,
+    std::string gate_up_kernel,
+    std::string down_kernel,
+    int64_t bm,
+    int64_t d_chunk,
+    int64_t h_chunk,
+    int64_t type_size,
+    int64_t tokens,
+    int64_t max_rows,
+    int64_t D,
+    int64_t H,
+    int64_t num_experts,
+    bool scores);
+
 // x [tokens, D], gate/up [E, H, D], down [E, D, H], hidden [tokens * top_k, H]
 // (sorted order), out [tokens, D] with scores else [tokens * top_k, D];
 // max_rows_per_expert: an upper bound on any expert's slot count (at most

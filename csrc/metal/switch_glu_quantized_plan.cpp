@@ -85,24 +85,10 @@ SwitchGluQuantizedPlan plan_switch_glu_quantized(
   p.group_size = static_cast<uint32_t>(group_size);
   p.bits = static_cast<uint32_t>(bits);
   const std::string suffix = std::string("_") + type_name + "_" + variant + "_bm" + std::to_string(bm);
-  plan.gate_up.kernel = "moe_gate_up_swiglu_quantized_decode" + suffix;
-  plan.gate_up.threads = {kSwitchGluThreads, 1, 1};
-  plan.gate_up.threadgroup_memory = {static_cast<uint32_t>(round16(bm * d_chunk * type_size))};
-  plan.down.kernel = std::string(scores ? "moe_down_combine_quantized_decode" : "moe_down_slots_quantized_decode") + suffix;
-  plan.down.threads = {kSwitchGluThreads, 1, 1};
-  plan.down.threadgroup_memory = {static_cast<uint32_t>(round16(bm * h_chunk * type_size))};
-  if (scores) {
-    plan.down.threadgroup_memory.push_back(
-        static_cast<uint32_t>(round16(std::max<int64_t>(tokens, 1) * plan.block_cols * 4)));
-  }
-  if (tokens > 0 && max_rows > 0) {
-    if (H > 0) {
-      plan.gate_up.grid = {static_cast<uint32_t>(ceil_div(H, plan.block_cols)), static_cast<uint32_t>(num_experts), 1};
-    }
-    if (D > 0) {
-      plan.down.grid = {static_cast<uint32_t>(ceil_div(D, plan.block_cols)), 1, 1};
-    }
-  }
+  plan_decode_launches(
+      plan.gate_up, plan.down, "moe_gate_up_swiglu_quantized_decode" + suffix,
+      (scores ? "moe_down_combine_quantized_decode" : "moe_down_slots_quantized_decode") + suffix, bm, d_chunk,
+      h_chunk, type_size, tokens, max_rows, D, H, num_experts, scores);
   return plan;
 }
 
