@@ -123,9 +123,9 @@ bool metal_gather_qmm(
 }
 
 // Whether the quantized SwitchGLU runs fused on `stream` with our Metal
-// kernels: a decode-sized call (the plan takes at most 8 rows per expert,
-// bounded by T * k, and 128 tokens with scores) in a format they have;
-// larger calls compose our gather_qmm (its prefill kernel).
+// kernels: a decode-sized call (at most kSwitchGluQuantizedFusedMaxSlots
+// slots) in a format they have; larger calls compose our gather_qmm (its
+// prefill kernel reuses weight tiles across rows).
 bool metal_switch_glu_quantized(
     const mx::Stream& stream,
     int64_t tokens,
@@ -136,7 +136,8 @@ bool metal_switch_glu_quantized(
     const QuantizationFormat& f,
     mx::Dtype dtype,
     bool scores) {
-  if (!metal_builds() || stream.device != mx::Device::gpu) {
+  if (!metal_builds() || stream.device != mx::Device::gpu ||
+      tokens * top_k > metal::kSwitchGluQuantizedFusedMaxSlots) {
     return false;
   }
   try {

@@ -169,6 +169,9 @@ SHAPES = {
     "t1_k1": ([[3]], 256, 128, 4),
     "t3_k2_ragged": ([[0, 3], [3, 5], [3, 0]], 128, 128, 6),
     "t2_k2_chunked": ([[1, 2], [2, 1]], 1280, 1152, 3),
+    # 20 slots on 3 experts (one takes 10 rows: two 8-row tiles, a weight
+    # pass each) with D staged in two chunks for float32
+    "t10_k2_two_tiles": ([[0, 1]] * 6 + [[0, 2]] * 4, 384, 128, 3),
 }
 # Every width once (dtypes, group sizes and shapes rotating), and mxfp4.
 CASES = [
@@ -197,9 +200,19 @@ def test_race_detector_on_the_decode_kernels(sim):
     case.check_all(sim(4, race_check=True), schedule="random", seed=5, preempt=0.2)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_several_row_tiles(sim, dtype):
+    """More than 8 rows on an expert (what a shapeless-compiled decode graph
+    meets on a larger call): several tiles, under the race detector."""
+    case = Case(*SHAPES["t10_k2_two_tiles"], dtype, 4, 64, seed=4)
+    assert case.plans[True]["block_rows"] == 8 and int(np.diff(case.offsets).max()) == 10
+    if dtype == "float32":
+        assert case.plans[True]["d_chunk"] < case.D  # x staged in two chunks per tile
+    case.check_all(sim(4, race_check=True), schedule="random", seed=8, preempt=0.2)
+
+
 def test_plan_rejects_what_the_kernels_do_not_take():
     for bad in [
-        (9, 1, 9, 64, 64, 4, 64, 4, "affine", mx.float16, False),  # more than 8 rows per expert: prefill
         (200, 1, 1, 64, 64, 400, 64, 4, "affine", mx.float16, True),  # > 128 tokens with scores
         (1, 1, 1, 96, 64, 4, 64, 4, "affine", mx.float16, True),  # D % group_size
         (1, 1, 1, 64, 64, 4, 64, 7, "affine", mx.float16, True),  # bits
@@ -223,6 +236,12 @@ def test_wrong_scales_are_caught(sim):
     case = Case(*SHAPES["t1_k8"], "bfloat16", 8, 64, seed=12)
     hidden, _ = case.run_gate_up(sim(8, race_check=False, SWITCH_GLU_Q_FAULT_UP_SCALES=1))
     assert not case.hidden_close(hidden)
+
+
+def test_missing_tile_barrier_is_caught(sim):
+    case = Case(*SHAPES["t10_k2_two_tiles"], "float32", 4, 64, seed=14)
+    with pytest.raises(MetalSimError, match="data race"):
+        case.run_gate_up(sim(4, race_check=True, SWITCH_GLU_Q_FAULT_NO_TILE_BARRIER=1))
 
 
 def test_missing_hidden_barrier_is_caught(sim):

@@ -2,7 +2,7 @@
 // MoeDownCombine): the kernels of switch_glu.metal launched exactly as
 // plan_switch_glu says, the plan the simulator tests run; quantized weights
 // with the kernels of switch_glu_quantized.metal (plan_switch_glu_quantized,
-// decode-sized calls; ops.cpp composes gather_qmm for larger ones).
+// calls of at most 64 slots; ops.cpp composes gather_qmm for larger ones).
 #include <stdexcept>
 #include <string>
 
@@ -26,10 +26,11 @@ mx::array dense(const mx::array& a, mx::metal::CommandEncoder& encoder, const mx
   return metal::aligned_rows(a, encoder, s);
 }
 
-// The quantized decode plan for shapes that may differ from those ops.cpp
+// The quantized plan for shapes that may differ from those ops.cpp
 // checked: under mx.compile(shapeless=True) the graph (fused kernels or the
-// gather_qmm composition) is fixed when traced, so a larger call reaches
-// the decode-only kernels here and cannot switch paths.
+// gather_qmm composition) is fixed when traced, so a larger call reaches the
+// fused kernels here; they take any row count, but not more than 128 tokens
+// with scores.
 metal::SwitchGluQuantizedPlan quantized_plan(
     int64_t tokens, int top_k, int64_t D, int64_t H, int64_t E, const WeightQuantization& q, mx::Dtype dtype,
     bool scores) {

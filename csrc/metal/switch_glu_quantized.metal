@@ -1,5 +1,5 @@
 // The fused SwitchGLU with quantized expert weights on Apple GPUs, decode
-// path (at most 8 rows per expert, at most 128 tokens with scores):
+// path (a few rows per expert; at most 128 tokens with scores):
 //
 //   hidden[i] = silu(x[t_i] @ dq(gate[e])^T) * (x[t_i] @ dq(up[e])^T)   (gate_up launch)
 //   out[t]    = sum_j scores[t, j] * (hidden[i(t, j)] @ dq(down[e])^T)   (down launch)
@@ -15,12 +15,16 @@
 // D * bits / 32], down [E, D, H * bits / 32] uint32; scales/biases in T
 // (affine) or E8M0 bytes (mxfp4, no biases). Launches from
 // plan_switch_glu_quantized (switch_glu_quantized_plan.cpp); BM is 1 or 8
-// (rows past an expert's are skipped, so one 8-row tile serves 2-8 rows).
+// (rows past an expert's are skipped, so one 8-row tile serves 2-8 rows);
+// an expert with more rows takes several tiles, each a pass over its weights
+// (correct for any count, fast while the counts stay small: the plan keeps
+// larger calls for the composition on gather_qmm's prefill kernel).
 //
 // Fault toggles (tests only; each must make the simulator tests fail):
 //   SWITCH_GLU_Q_FAULT_NO_X_BARRIER   gate_up: no barrier after staging x
 //   SWITCH_GLU_Q_FAULT_NO_H_BARRIER   down: no barrier before the hidden stage is overwritten
 //   SWITCH_GLU_Q_FAULT_UP_SCALES      gate_up: up dequantized with gate's scales
+//   SWITCH_GLU_Q_FAULT_NO_TILE_BARRIER gate_up: no barrier between row tiles
 #include <metal_stdlib>
 
 #include "quantized_block.h"
@@ -84,12 +88,11 @@ template <typename T, int BM, int BITS, bool FP4>
     uint nsg [[simdgroups_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   const uint e = tg.y;
-  const uint row0 = offsets[e];
+  const uint row_begin = offsets[e];
   const uint row_end = offsets[e + 1];
-  if (row0 >= row_end) {
+  if (row_begin >= row_end) {
     return;  // no rows for this expert: the whole threadgroup leaves
   }
-  const uint nrows = min(uint(BM), row_end - row0);
   const uint h0 = (tg.x * nsg + sg) * QMM_COLS;  // this simdgroup's first hidden column
   const bool active = h0 < p.H;                  // uniform per simdgroup
   const uint stride = p.d_chunk;
@@ -107,80 +110,88 @@ template <typename T, int BM, int BITS, bool FP4>
     srow[c] = r * groups;
   }
 
-  float ga[BM][QMM_COLS];
-  float ua[BM][QMM_COLS];
-  for (int m = 0; m < BM; ++m) {
-    for (uint c = 0; c < QMM_COLS; ++c) {
-      ga[m][c] = 0.0f;
-      ua[m][c] = 0.0f;
+  // One pass over the weights per tile of BM rows (a decode step has one).
+  for (uint row0 = row_begin; row0 < row_end; row0 += BM) {
+    const uint nrows = min(uint(BM), row_end - row0);
+    float ga[BM][QMM_COLS];
+    float ua[BM][QMM_COLS];
+    for (int m = 0; m < BM; ++m) {
+      for (uint c = 0; c < QMM_COLS; ++c) {
+        ga[m][c] = 0.0f;
+        ua[m][c] = 0.0f;
+      }
     }
-  }
 
-  for (uint k0 = 0; k0 < p.D; k0 += stride) {
-    const uint kc = min(stride, p.D - k0);  // a multiple of 32
-    // Stage x[token of sorted row row0 + m, k0 .. k0 + kc) (zeros past the expert's rows).
-    for (uint i = tid; i < uint(BM) * kc; i += ntid) {
-      const uint m = i / kc;
-      const uint k = i - m * kc;
-      xs[m * stride + k] = m < nrows ? x[ulong(order[row0 + m] / p.top_k) * p.D + k0 + k] : T(0.0f);
-    }
+    for (uint k0 = 0; k0 < p.D; k0 += stride) {
+      const uint kc = min(stride, p.D - k0);  // a multiple of 32
+      // Stage x[token of sorted row row0 + m, k0 .. k0 + kc) (zeros past the expert's rows).
+      for (uint i = tid; i < uint(BM) * kc; i += ntid) {
+        const uint m = i / kc;
+        const uint k = i - m * kc;
+        xs[m * stride + k] = m < nrows ? x[ulong(order[row0 + m] / p.top_k) * p.D + k0 + k] : T(0.0f);
+      }
 #ifndef SWITCH_GLU_Q_FAULT_NO_X_BARRIER
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
 #endif
-    if (active) {
-      for (uint k = lane * QMM_BLOCK; k < kc; k += QMM_SIMD_WIDTH * QMM_BLOCK) {
-        const uint kg = k0 + k;
-        const uint group = kg / p.group_size;
-        uint gw[QMM_COLS][BITS];
-        uint uw[QMM_COLS][BITS];
-        float2 gsb[QMM_COLS];
-        float2 usb[QMM_COLS];
-        for (uint c = 0; c < QMM_COLS; ++c) {
-          qmm_load_block<BITS>(grow[c] + kg / QMM_BLOCK * BITS, gw[c]);
-          qmm_load_block<BITS>(urow[c] + kg / QMM_BLOCK * BITS, uw[c]);
-          gsb[c] = sgq_scale_bias<T, FP4>(gate_scales, gate_biases, srow[c] + group);
-#ifdef SWITCH_GLU_Q_FAULT_UP_SCALES
-          usb[c] = sgq_scale_bias<T, FP4>(gate_scales, gate_biases, srow[c] + group);
-#else
-          usb[c] = sgq_scale_bias<T, FP4>(up_scales, up_biases, srow[c] + group);
-#endif
-        }
-        for (int m = 0; m < BM; ++m) {
-          if (uint(m) >= nrows) {
-            break;  // uniform: the staged rows past the expert's are zeros
-          }
-          float xv[QMM_BLOCK];
-          const float xsum = sgq_load_x<T>(xs + m * stride + k, xv);
+      if (active) {
+        for (uint k = lane * QMM_BLOCK; k < kc; k += QMM_SIMD_WIDTH * QMM_BLOCK) {
+          const uint kg = k0 + k;
+          const uint group = kg / p.group_size;
+          uint gw[QMM_COLS][BITS];
+          uint uw[QMM_COLS][BITS];
+          float2 gsb[QMM_COLS];
+          float2 usb[QMM_COLS];
           for (uint c = 0; c < QMM_COLS; ++c) {
-            ga[m][c] += sgq_block_dot<BITS, FP4>(gw[c], xv, xsum, gsb[c]);
-            ua[m][c] += sgq_block_dot<BITS, FP4>(uw[c], xv, xsum, usb[c]);
+            qmm_load_block<BITS>(grow[c] + kg / QMM_BLOCK * BITS, gw[c]);
+            qmm_load_block<BITS>(urow[c] + kg / QMM_BLOCK * BITS, uw[c]);
+            gsb[c] = sgq_scale_bias<T, FP4>(gate_scales, gate_biases, srow[c] + group);
+#ifdef SWITCH_GLU_Q_FAULT_UP_SCALES
+            usb[c] = sgq_scale_bias<T, FP4>(gate_scales, gate_biases, srow[c] + group);
+#else
+            usb[c] = sgq_scale_bias<T, FP4>(up_scales, up_biases, srow[c] + group);
+#endif
+          }
+          for (int m = 0; m < BM; ++m) {
+            if (uint(m) >= nrows) {
+              break;  // uniform: the staged rows past the expert's are zeros
+            }
+            float xv[QMM_BLOCK];
+            const float xsum = sgq_load_x<T>(xs + m * stride + k, xv);
+            for (uint c = 0; c < QMM_COLS; ++c) {
+              ga[m][c] += sgq_block_dot<BITS, FP4>(gw[c], xv, xsum, gsb[c]);
+              ua[m][c] += sgq_block_dot<BITS, FP4>(uw[c], xv, xsum, usb[c]);
+            }
+          }
+        }
+      }
+      if (k0 + stride < p.D) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // before xs is overwritten
+      }
+    }
+
+    if (active) {
+      for (int m = 0; m < BM; ++m) {
+        if (uint(m) >= nrows) {
+          break;
+        }
+        for (uint c = 0; c < QMM_COLS; ++c) {
+          const uint n = h0 + c;
+          if (n >= p.H) {
+            break;
+          }
+          const float g = simd_sum(ga[m][c]);
+          const float u = simd_sum(ua[m][c]);
+          if (lane == (uint(m) * QMM_COLS + c) % QMM_SIMD_WIDTH) {
+            hidden[ulong(row0 + m) * p.H + n] = T(g / (1.0f + exp(-g)) * u);
           }
         }
       }
     }
-    if (k0 + stride < p.D) {
-      threadgroup_barrier(mem_flags::mem_threadgroup);  // before xs is overwritten
+#ifndef SWITCH_GLU_Q_FAULT_NO_TILE_BARRIER
+    if (row0 + BM < row_end) {
+      threadgroup_barrier(mem_flags::mem_threadgroup);  // before the next tile's x overwrites xs
     }
-  }
-
-  if (!active) {
-    return;
-  }
-  for (int m = 0; m < BM; ++m) {
-    if (uint(m) >= nrows) {
-      break;
-    }
-    for (uint c = 0; c < QMM_COLS; ++c) {
-      const uint n = h0 + c;
-      if (n >= p.H) {
-        break;
-      }
-      const float g = simd_sum(ga[m][c]);
-      const float u = simd_sum(ua[m][c]);
-      if (lane == (uint(m) * QMM_COLS + c) % QMM_SIMD_WIDTH) {
-        hidden[ulong(row0 + m) * p.H + n] = T(g / (1.0f + exp(-g)) * u);
-      }
-    }
+#endif
   }
 }
 

@@ -62,8 +62,8 @@ SwitchGluQuantizedPlan plan_switch_glu_quantized(
     reject("max_rows_per_expert must be >= 1 when there are tokens");
   }
   const int64_t max_rows = std::min(max_rows_per_expert, tokens * top_k);
-  if (max_rows > kSwitchGluDecodeMaxRowsPerExpert || (scores && tokens > kSwitchGluDecodeMaxTokens)) {
-    reject("decode only (at most 8 rows per expert, 128 tokens with scores)");
+  if (scores && tokens > kSwitchGluDecodeMaxTokens) {
+    reject("at most 128 tokens with scores (the down launch's per-token accumulators)");
   }
   to_u32(tokens * top_k * std::max(D, H), "tokens * top_k * max(D, H)");
 
