@@ -65,11 +65,17 @@ def unavailable(reason: str):
 
 
 def find_clang() -> str | None:
-    for name in ["clang++"] + [f"clang++-{v}" for v in range(20, 13, -1)]:
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+    """clang++, else the newest versioned clang++-N on PATH (.ci/run's test)."""
+    path = shutil.which("clang++")
+    if path:
+        return path
+    versioned = []
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        for candidate in Path(directory).glob("clang++-*") if directory else []:
+            suffix = candidate.name.split("-", 1)[1]
+            if suffix.isdigit() and os.access(candidate, os.X_OK):
+                versioned.append((int(suffix), str(candidate)))
+    return max(versioned)[1] if versioned else None
 
 
 def macos_mlx_root() -> Path:
