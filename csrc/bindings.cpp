@@ -33,6 +33,43 @@ nb::dict switch_glu_launch(const mlx_moe::metal::SwitchGluLaunch& l) {
   return d;
 }
 
+// A plan's constant-buffer struct, as the bytes the host would send.
+template <typename Params>
+nb::bytes params_bytes(const Params& params) {
+  return nb::bytes(reinterpret_cast<const char*>(&params), sizeof(params));
+}
+
+// A gather_mm / gather_qmm launch (the two plans have the same fields).
+template <typename Launch>
+nb::dict gather_launch(const Launch& plan) {
+  nb::dict d;
+  d["kernel"] = plan.kernel;
+  d["prefill"] = plan.prefill;
+  d["grid"] = nb::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
+  d["threads"] = nb::make_tuple(plan.threads[0], plan.threads[1], plan.threads[2]);
+  d["threadgroup_memory"] = plan.threadgroup_memory;
+  d["block_rows"] = plan.block_rows;
+  d["block_cols"] = plan.block_cols;
+  d["k_chunk"] = plan.params.k_chunk;
+  d["params"] = params_bytes(plan.params);
+  return d;
+}
+
+// The fields the float and the quantized SwitchGLU plans share.
+template <typename Plan>
+nb::dict switch_glu_plan(const Plan& plan) {
+  nb::dict d;
+  d["gate_up"] = switch_glu_launch(plan.gate_up);
+  d["down"] = switch_glu_launch(plan.down);
+  d["scores"] = plan.scores;
+  d["block_rows"] = plan.block_rows;
+  d["block_cols"] = plan.block_cols;
+  d["d_chunk"] = plan.params.d_chunk;
+  d["h_chunk"] = plan.params.h_chunk;
+  d["params"] = params_bytes(plan.params);
+  return d;
+}
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
@@ -126,17 +163,7 @@ NB_MODULE(_ext, m) {
          mx::Dtype dtype, int64_t rows_per_index, int64_t lhs_batches) {
         auto plan = mlx_moe::metal::plan_gather_mm(
             rows, max_rows_per_expert, N, K, num_experts, dtype, rows_per_index, lhs_batches);
-        nb::dict d;
-        d["kernel"] = plan.kernel;
-        d["prefill"] = plan.prefill;
-        d["grid"] = nb::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
-        d["threads"] = nb::make_tuple(plan.threads[0], plan.threads[1], plan.threads[2]);
-        d["threadgroup_memory"] = plan.threadgroup_memory;
-        d["block_rows"] = plan.block_rows;
-        d["block_cols"] = plan.block_cols;
-        d["k_chunk"] = plan.params.k_chunk;
-        d["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(plan.params));
-        return d;
+        return gather_launch(plan);
       },
       "rows"_a,
       "max_rows_per_expert"_a,
@@ -156,17 +183,7 @@ NB_MODULE(_ext, m) {
         auto plan = mlx_moe::metal::plan_gather_qmm(
             rows, max_rows_per_expert, N, K, num_experts, group_size, bits, mode, dtype, rows_per_index,
             lhs_batches);
-        nb::dict d;
-        d["kernel"] = plan.kernel;
-        d["prefill"] = plan.prefill;
-        d["grid"] = nb::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
-        d["threads"] = nb::make_tuple(plan.threads[0], plan.threads[1], plan.threads[2]);
-        d["threadgroup_memory"] = plan.threadgroup_memory;
-        d["block_rows"] = plan.block_rows;
-        d["block_cols"] = plan.block_cols;
-        d["k_chunk"] = plan.params.k_chunk;
-        d["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(plan.params));
-        return d;
+        return gather_launch(plan);
       },
       "rows"_a,
       "max_rows_per_expert"_a,
@@ -187,18 +204,10 @@ NB_MODULE(_ext, m) {
          int64_t num_experts, mx::Dtype dtype, bool scores) {
         auto plan = mlx_moe::metal::plan_switch_glu(
             tokens, top_k, max_rows_per_expert, D, H, num_experts, dtype, scores);
-        nb::dict d;
-        d["gate_up"] = switch_glu_launch(plan.gate_up);
-        d["down"] = switch_glu_launch(plan.down);
+        nb::dict d = switch_glu_plan(plan);
         d["combine"] = switch_glu_launch(plan.combine);
         d["prefill"] = plan.prefill;
         d["scratch_bytes"] = plan.scratch_bytes;
-        d["scores"] = plan.scores;
-        d["block_rows"] = plan.block_rows;
-        d["block_cols"] = plan.block_cols;
-        d["d_chunk"] = plan.params.d_chunk;
-        d["h_chunk"] = plan.params.h_chunk;
-        d["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(plan.params));
         return d;
       },
       "tokens"_a,
@@ -217,16 +226,7 @@ NB_MODULE(_ext, m) {
          int64_t num_experts, int group_size, int bits, const std::string& mode, mx::Dtype dtype, bool scores) {
         auto plan = mlx_moe::metal::plan_switch_glu_quantized(
             tokens, top_k, max_rows_per_expert, D, H, num_experts, group_size, bits, mode, dtype, scores);
-        nb::dict d;
-        d["gate_up"] = switch_glu_launch(plan.gate_up);
-        d["down"] = switch_glu_launch(plan.down);
-        d["scores"] = plan.scores;
-        d["block_rows"] = plan.block_rows;
-        d["block_cols"] = plan.block_cols;
-        d["d_chunk"] = plan.params.d_chunk;
-        d["h_chunk"] = plan.params.h_chunk;
-        d["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(plan.params));
-        return d;
+        return switch_glu_plan(plan);
       },
       "tokens"_a,
       "top_k"_a,
@@ -257,7 +257,7 @@ NB_MODULE(_ext, m) {
         d["grid"] = nb::make_tuple(plan.grid[0], plan.grid[1], plan.grid[2]);
         d["threads"] = nb::make_tuple(plan.threads[0], plan.threads[1], plan.threads[2]);
         d["key_bits"] = plan.params.key_bits;
-        d["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(plan.params));
+        d["params"] = params_bytes(plan.params);
         return d;
       },
       "slots"_a,

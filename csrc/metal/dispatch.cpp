@@ -50,6 +50,14 @@ void use_pipeline(
   encoder.set_compute_pipeline_state(kernel);
 }
 
+void use_kernel(
+    mlx::core::metal::Device& device,
+    mlx::core::metal::CommandEncoder& encoder,
+    const std::string& name,
+    const std::array<uint32_t, 3>& threads) {
+  use_pipeline(encoder, pipeline(device, name), name, threads);
+}
+
 void dispatch(
     mlx::core::metal::CommandEncoder& encoder,
     const std::array<uint32_t, 3>& grid,

@@ -28,6 +28,13 @@ void use_pipeline(
     const std::string& name,
     const std::array<uint32_t, 3>& threads);
 
+// use_pipeline with the pipeline of kernel `name` of our metallib.
+void use_kernel(
+    mlx::core::metal::Device& device,
+    mlx::core::metal::CommandEncoder& encoder,
+    const std::string& name,
+    const std::array<uint32_t, 3>& threads);
+
 // dispatchThreadgroups with a plan's grid (threadgroups) and threads.
 void dispatch(
     mlx::core::metal::CommandEncoder& encoder,

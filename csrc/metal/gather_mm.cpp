@@ -97,7 +97,7 @@ void GatherMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   if (metal::empty_grid(plan.grid)) {
     return;
   }
-  metal::use_pipeline(encoder, metal::pipeline(device, plan.kernel), plan.kernel, plan.threads);
+  metal::use_kernel(device, encoder, plan.kernel, plan.threads);
   // Buffers as gather_mm.metal: 0 x, 1 w, 2 offsets, 3 out, 4 params, 5 order, 6 lhs.
   encoder.set_input_array(x, 0);
   encoder.set_input_array(w, 1);
@@ -143,7 +143,7 @@ void GatherQMM::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   if (metal::empty_grid(plan.grid)) {
     return;
   }
-  metal::use_pipeline(encoder, metal::pipeline(device, plan.kernel), plan.kernel, plan.threads);
+  metal::use_kernel(device, encoder, plan.kernel, plan.threads);
   // Buffers as gather_qmm.metal: 0 x, 1 w, 2 scales, 3 biases (mxfp4: unused,
   // the scales bound in their place), 4 offsets, 5 out, 6 params, 7 order, 8 lhs.
   encoder.set_input_array(x, 0);

@@ -87,8 +87,8 @@ void MoeGateUpSwiGLU::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   auto& encoder = mx::metal::get_command_encoder(s);
   if (quantization_) {
     // Inputs: x [T, D], gate and up (codes [E, H, D * bits / 32], scales,
-    // [biases]), order, offsets, sorted_experts. ops.cpp checked the decode
-    // plan accepts the shapes (larger calls compose gather_qmm).
+    // [biases]), order, offsets, sorted_experts. ops.cpp checked the plan
+    // accepts the shapes (calls of more than 64 slots compose gather_qmm).
     const auto& q = *quantization_;
     const size_t per_weight = q.inputs_per_weight();
     const mx::array& x = inputs[0];
@@ -104,7 +104,7 @@ void MoeGateUpSwiGLU::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
     if (metal::empty_grid(launch.grid)) {
       return;
     }
-    metal::use_pipeline(encoder, metal::pipeline(device, launch.kernel), launch.kernel, launch.threads);
+    metal::use_kernel(device, encoder, launch.kernel, launch.threads);
     // Buffers as switch_glu_quantized.metal: 0 x, 1-3 gate, 4-6 up, 7 order,
     // 8 offsets, 9 hidden, 10 params.
     encoder.set_input_array(x, 0);
@@ -134,7 +134,7 @@ void MoeGateUpSwiGLU::eval_gpu(const std::vector<mx::array>& inputs, mx::array& 
   if (metal::empty_grid(launch.grid)) {
     return;  // no tokens or H == 0: hidden is empty
   }
-  metal::use_pipeline(encoder, metal::pipeline(device, launch.kernel), launch.kernel, launch.threads);
+  metal::use_kernel(device, encoder, launch.kernel, launch.threads);
   // Buffers as switch_glu.metal: 0 x, 1 gate, 2 up, 3 order, 4 offsets, 5 hidden, 6 params.
   encoder.set_input_array(x, 0);
   encoder.set_input_array(gate, 1);
@@ -170,7 +170,7 @@ void MoeDownCombine::eval_gpu(const std::vector<mx::array>& inputs, mx::array& o
     if (metal::empty_grid(launch.grid)) {
       return;
     }
-    metal::use_pipeline(encoder, metal::pipeline(device, launch.kernel), launch.kernel, launch.threads);
+    metal::use_kernel(device, encoder, launch.kernel, launch.threads);
     // Buffers as switch_glu_quantized.metal: 0 hidden, 1-3 down, 4 order,
     // 5 offsets, 6 out, 7 params, 8 scores.
     encoder.set_input_array(hidden, 0);
@@ -210,7 +210,7 @@ void MoeDownCombine::eval_gpu(const std::vector<mx::array>& inputs, mx::array& o
   if (two_step) {
     scratch = metal::temporary(encoder, {static_cast<int>(slots), static_cast<int>(D)}, mx::float32);
   }
-  metal::use_pipeline(encoder, metal::pipeline(device, launch.kernel), launch.kernel, launch.threads);
+  metal::use_kernel(device, encoder, launch.kernel, launch.threads);
   // Buffers as switch_glu.metal: 0 hidden, 1 down, 2 order, 3 offsets,
   // 4 out (or the scratch), 5 params, 6 scores.
   encoder.set_input_array(hidden, 0);
@@ -226,7 +226,7 @@ void MoeDownCombine::eval_gpu(const std::vector<mx::array>& inputs, mx::array& o
   metal::dispatch(encoder, launch.grid, launch.threads);
   if (two_step) {
     const auto& combine = plan.combine;
-    metal::use_pipeline(encoder, metal::pipeline(device, combine.kernel), combine.kernel, combine.threads);
+    metal::use_kernel(device, encoder, combine.kernel, combine.threads);
     // Buffers: 0 scratch, 1 out [T, D], 2 params.
     encoder.set_input_array(*scratch, 0);
     encoder.set_output_array(out, 1);

@@ -42,11 +42,7 @@ SwitchGluPlan plan_prefill(
   plan.block_rows = static_cast<uint32_t>(BM);
   plan.block_cols = static_cast<uint32_t>(BN);
   auto& p = plan.params;
-  p.tokens = to_u32(tokens, "tokens");
-  p.top_k = to_u32(top_k, "top_k");
-  p.D = to_u32(D, "D");
-  p.H = to_u32(H, "H");
-  p.num_experts = to_u32(num_experts, "num_experts");
+  set_shape_params(p, tokens, top_k, D, H, num_experts);
   p.d_chunk = static_cast<uint32_t>(BK);  // informational: the kernels stage BK per pass
   p.h_chunk = static_cast<uint32_t>(BK);
 
@@ -111,16 +107,12 @@ SwitchGluPlan plan_switch_glu(
   int64_t bm = 1;
   while (bm < max_rows) bm *= 2;
   plan.block_rows = static_cast<uint32_t>(bm);
-  plan.block_cols = kSwitchGluThreads / 32 * kSwitchGluColsPerSimdgroup;
+  plan.block_cols = kSwitchGluDecodeBlockCols;
 
   const int64_t d_chunk = stage_chunk(D, bm, type_size);
   const int64_t h_chunk = stage_chunk(H, bm, type_size);
   auto& p = plan.params;
-  p.tokens = to_u32(tokens, "tokens");
-  p.top_k = to_u32(top_k, "top_k");
-  p.D = to_u32(D, "D");
-  p.H = to_u32(H, "H");
-  p.num_experts = to_u32(num_experts, "num_experts");
+  set_shape_params(p, tokens, top_k, D, H, num_experts);
   p.d_chunk = static_cast<uint32_t>(d_chunk);
   p.h_chunk = static_cast<uint32_t>(h_chunk);
 
@@ -147,7 +139,7 @@ void plan_decode_launches(
     int64_t H,
     int64_t num_experts,
     bool scores) {
-  constexpr int64_t block_cols = kSwitchGluThreads / 32 * kSwitchGluColsPerSimdgroup;
+  constexpr int64_t block_cols = kSwitchGluDecodeBlockCols;
   gate_up.kernel = std::move(gate_up_kernel);
   gate_up.threads = {kSwitchGluThreads, 1, 1};
   gate_up.threadgroup_memory = {static_cast<uint32_t>(round16(bm * d_chunk * type_size))};

@@ -14,6 +14,7 @@
 
 #include <mlx/dtype.h>
 
+#include "metal/plan_common.h"
 #include "metal/switch_glu_params.h"
 
 namespace mlx_moe::metal {
@@ -26,6 +27,8 @@ inline constexpr int64_t kSwitchGluDecodeMaxRowsPerExpert = 8;
 inline constexpr int64_t kSwitchGluDecodeMaxTokens = 128;
 inline constexpr uint32_t kSwitchGluThreads = 256;      // 8 simdgroups
 inline constexpr uint32_t kSwitchGluColsPerSimdgroup = 4;  // SWITCH_COLS in the .metal file
+// Output columns per decode threadgroup (both launches): 8 simdgroups x 4.
+inline constexpr uint32_t kSwitchGluDecodeBlockCols = kSwitchGluThreads / 32 * kSwitchGluColsPerSimdgroup;
 // Staged x / hidden rows: <= 8 KiB (several threadgroups per core).
 inline constexpr int64_t kSwitchGluStageBytes = 8192;
 // Prefill kernels (above kSwitchGluDecodeMaxRowsPerExpert rows per expert,
@@ -68,6 +71,17 @@ struct SwitchGluPlan {
   int64_t scratch_bytes = 0; // float32 [T * k, D] scratch (prefill with scores), else 0
   SwitchGluParams params{};  // [[buffer(6)]] of gate_up, [[buffer(5)]] of down, sent as is
 };
+
+// The shape fields of a SwitchGLU constant buffer (SwitchGluParams or
+// SwitchGluQuantizedParams), each checked to fit the kernels' uint32.
+template <typename Params>
+void set_shape_params(Params& p, int64_t tokens, int64_t top_k, int64_t D, int64_t H, int64_t num_experts) {
+  p.tokens = to_u32(tokens, "switch_glu", "tokens");
+  p.top_k = to_u32(top_k, "switch_glu", "top_k");
+  p.D = to_u32(D, "switch_glu", "D");
+  p.H = to_u32(H, "switch_glu", "H");
+  p.num_experts = to_u32(num_experts, "switch_glu", "num_experts");
+}
 
 // The two decode launches shared by the float and the quantized decode
 // kernels: gate_up over (32-column tile of H, expert), down over 32-column

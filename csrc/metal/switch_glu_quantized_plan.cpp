@@ -71,15 +71,11 @@ SwitchGluQuantizedPlan plan_switch_glu_quantized(
   plan.scores = scores;
   const int64_t bm = max_rows <= 1 ? 1 : 8;
   plan.block_rows = static_cast<uint32_t>(bm);
-  plan.block_cols = kSwitchGluThreads / 32 * kSwitchGluColsPerSimdgroup;
+  plan.block_cols = kSwitchGluDecodeBlockCols;
   const int64_t d_chunk = stage_chunk(D, bm, type_size);
   const int64_t h_chunk = stage_chunk(H, bm, type_size);
   auto& p = plan.params;
-  p.tokens = to_u32(tokens, "tokens");
-  p.top_k = to_u32(top_k, "top_k");
-  p.D = to_u32(D, "D");
-  p.H = to_u32(H, "H");
-  p.num_experts = to_u32(num_experts, "num_experts");
+  set_shape_params(p, tokens, top_k, D, H, num_experts);
   p.d_chunk = static_cast<uint32_t>(d_chunk);
   p.h_chunk = static_cast<uint32_t>(h_chunk);
   p.group_size = static_cast<uint32_t>(group_size);
