@@ -701,6 +701,26 @@ def grouped_reference_switch_glu(
     return (y * scores[..., None]).sum(-2)
 
 
+def switch_glu_call_inputs(resources: CellResources, tokens: int, E: int, k: int, D: int, dtype: mx.Dtype):
+    """The per-call inputs of a SwitchGLU cell, float or quantized: routings
+    (one token: cache-cold, each call on experts the previous ones did not
+    touch; more tokens: random top-k rows), x and the routing scores."""
+    if tokens == 1:
+        routings = [r.reshape(1, k) for r in cache_cold_routings(resources.rng, 1, E, k)]
+    else:
+        routings = [
+            np.argsort(resources.rng.random((tokens, E)), axis=1)[:, :k].astype(np.uint32)
+            for _ in range(ROUTINGS_PER_CELL)
+        ]
+    indices = [mx.array(routing) for routing in routings]
+    x = mx.random.normal((tokens, D), dtype=dtype, key=mx.random.key(resources.seed + 3))
+    scores = mx.softmax(
+        mx.random.normal((tokens, k), key=mx.random.key(resources.seed + 4)), axis=-1
+    ).astype(dtype)
+    mx.eval(indices, x, scores)
+    return indices, x, scores
+
+
 def switch_glu_workload(spec: CellSpec, resources: CellResources) -> Workload:
     """The whole MoE layer: gate, up, SwiGLU, down and the score-weighted sum.
 
@@ -730,19 +750,7 @@ def switch_glu_workload(spec: CellSpec, resources: CellResources) -> Workload:
             random_expert_weights(E, D, H, dtype, 1, resources.seed + 2)[0],
         ],
     )
-    if tokens == 1:
-        routings = [r.reshape(1, k) for r in cache_cold_routings(resources.rng, 1, E, k)]
-    else:
-        routings = [
-            np.argsort(resources.rng.random((tokens, E)), axis=1)[:, :k].astype(np.uint32)
-            for _ in range(ROUTINGS_PER_CELL)
-        ]
-    indices = [mx.array(routing) for routing in routings]
-    x = mx.random.normal((tokens, D), dtype=dtype, key=mx.random.key(resources.seed + 3))
-    scores = mx.softmax(
-        mx.random.normal((tokens, k), key=mx.random.key(resources.seed + 4)), axis=-1
-    ).astype(dtype)
-    mx.eval(indices, x, scores)
+    indices, x, scores = switch_glu_call_inputs(resources, tokens, E, k, D, dtype)
 
     def call_with(op):
         def call(call_index: int) -> mx.array:
@@ -940,19 +948,7 @@ def quantized_switch_glu_workload(spec: CellSpec, resources: CellResources) -> W
         ]
 
     gate, up, down = resources.weights.get("gate_up_down", build)
-    if tokens == 1:
-        routings = [r.reshape(1, k) for r in cache_cold_routings(resources.rng, 1, E, k)]
-    else:
-        routings = [
-            np.argsort(resources.rng.random((tokens, E)), axis=1)[:, :k].astype(np.uint32)
-            for _ in range(ROUTINGS_PER_CELL)
-        ]
-    indices = [mx.array(routing) for routing in routings]
-    x = mx.random.normal((tokens, D), dtype=dtype, key=mx.random.key(resources.seed + 3))
-    scores = mx.softmax(
-        mx.random.normal((tokens, k), key=mx.random.key(resources.seed + 4)), axis=-1
-    ).astype(dtype)
-    mx.eval(indices, x, scores)
+    indices, x, scores = switch_glu_call_inputs(resources, tokens, E, k, D, dtype)
     formats = quantization.kwargs()
 
     def call_with(op):
