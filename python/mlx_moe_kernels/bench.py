@@ -704,7 +704,8 @@ def grouped_reference_switch_glu(
 def switch_glu_call_inputs(resources: CellResources, tokens: int, E: int, k: int, D: int, dtype: mx.Dtype):
     """The per-call inputs of a SwitchGLU cell, float or quantized: routings
     (one token: cache-cold, each call on experts the previous ones did not
-    touch; more tokens: random top-k rows), x and the routing scores."""
+    touch; more tokens: random top-k rows) as NumPy arrays and as evaluated
+    MLX indices, x and the routing scores."""
     if tokens == 1:
         routings = [r.reshape(1, k) for r in cache_cold_routings(resources.rng, 1, E, k)]
     else:
@@ -718,7 +719,7 @@ def switch_glu_call_inputs(resources: CellResources, tokens: int, E: int, k: int
         mx.random.normal((tokens, k), key=mx.random.key(resources.seed + 4)), axis=-1
     ).astype(dtype)
     mx.eval(indices, x, scores)
-    return indices, x, scores
+    return routings, indices, x, scores
 
 
 def switch_glu_workload(spec: CellSpec, resources: CellResources) -> Workload:
@@ -750,7 +751,7 @@ def switch_glu_workload(spec: CellSpec, resources: CellResources) -> Workload:
             random_expert_weights(E, D, H, dtype, 1, resources.seed + 2)[0],
         ],
     )
-    indices, x, scores = switch_glu_call_inputs(resources, tokens, E, k, D, dtype)
+    routings, indices, x, scores = switch_glu_call_inputs(resources, tokens, E, k, D, dtype)
 
     def call_with(op):
         def call(call_index: int) -> mx.array:
@@ -948,7 +949,7 @@ def quantized_switch_glu_workload(spec: CellSpec, resources: CellResources) -> W
         ]
 
     gate, up, down = resources.weights.get("gate_up_down", build)
-    indices, x, scores = switch_glu_call_inputs(resources, tokens, E, k, D, dtype)
+    routings, indices, x, scores = switch_glu_call_inputs(resources, tokens, E, k, D, dtype)
     formats = quantization.kwargs()
 
     def call_with(op):
