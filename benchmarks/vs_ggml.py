@@ -32,9 +32,13 @@ up to 2x over seconds, so only paired figures compare); the reported time of
 each is the median over rounds of each round's median, and the speedup
 "x vs ggml" is the median of the per-round ratios.
 
+--huge-pages: back the expert weights with transparent huge pages first
+(mlx_moe_kernels.use_huge_pages, Linux; ours and stock share the weights,
+the ggml peer allocates its own, in 4 KiB pages).
+
 usage: python benchmarks/vs_ggml.py [--what up|layer] [--dtype float32]
        [--tokens 1,64,1024] [--rounds 5] [--bits 4 --group-size 64
-       --ggml-types q4_0,q4_K] [--ggml PATH] [--json FILE]
+       --ggml-types q4_0,q4_K] [--huge-pages] [--ggml PATH] [--json FILE]
 """
 
 from __future__ import annotations
@@ -138,6 +142,9 @@ def main() -> int:
     parser.add_argument("-k", type=int, default=8)
     parser.add_argument("--bits", type=int, default=None, help="quantize the experts (affine)")
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="back the expert weights (ours and stock share them) with transparent "
+                             "huge pages first (mlx_moe_kernels.use_huge_pages)")
     parser.add_argument("--ggml-types", default=None,
                         help="comma-separated ggml types (default: from --dtype / --bits)")
     args = parser.parse_args()
@@ -169,6 +176,9 @@ def main() -> int:
         down = quantize(down, group_size, bits, dtype) if layer else None
         mx.eval(up, gate, down)
         expert_bytes = sum(a.nbytes for a in up) // E
+    if args.huge_pages:
+        placed = mk.use_huge_pages([up, gate, down] if layer else [up])
+        print(f"huge pages: {placed / 1e6:.0f} MB of expert weights", flush=True)
     quantization = dict(group_size=group_size, bits=bits) if bits is not None else {}
     bandwidth_buffer = np.ones(128 * 1024 * 1024, dtype=np.float32) if bits is not None else None
     projections = 3 if layer else 1

@@ -10,6 +10,7 @@
 #include "metal/route_plan.h"
 #include "metal/switch_glu_plan.h"
 #include "metal/switch_glu_quantized_plan.h"
+#include "cpu/huge_pages.h"
 #include "ops.h"
 
 namespace nb = nanobind;
@@ -74,6 +75,16 @@ nb::dict switch_glu_plan(const Plan& plan) {
 
 NB_MODULE(_ext, m) {
   m.doc() = "C++ MLX primitives of mlx_moe_kernels (use the mlx_moe_kernels package).";
+
+  m.def(
+      "_advise_huge_pages",
+      [](const mx::array& a) {
+        auto advice = mlx_moe::advise_huge_pages(a);
+        return std::make_pair(advice.advised, advice.collapsed);
+      },
+      "a"_a,
+      "(bytes advised, bytes collapsed) of the whole huge pages inside a's buffer "
+      "(see mlx_moe_kernels.use_huge_pages).");
 
   m.def(
       "gather_mm",

@@ -17,7 +17,9 @@ The public API:
   our layers; ``load_model`` reads a local Hugging Face checkpoint folder
   (float or MLX-quantized) into them, ``quantize_model`` quantizes a loaded
   model as ``mlx_lm.convert -q`` does; ``stream_generate`` /
-  ``load_tokenizer`` generate text (see :mod:`mlx_moe_kernels.generate`).
+  ``load_tokenizer`` generate text (see :mod:`mlx_moe_kernels.generate`);
+* ``use_huge_pages``: back loaded weights with transparent huge pages
+  (Linux), which decode reads faster (see :mod:`mlx_moe_kernels.memory`).
 """
 
 from mlx_moe_kernels.ops import gather_mm, gather_qmm, route, switch_glu
@@ -27,6 +29,7 @@ from mlx_moe_kernels import reference
 from mlx_moe_kernels import models
 from mlx_moe_kernels.loading import load_model, quantize_model
 from mlx_moe_kernels.generate import load_tokenizer, stream_generate
+from mlx_moe_kernels.memory import use_huge_pages
 
 __all__ = [
     "gather_mm",
@@ -46,5 +49,6 @@ __all__ = [
     "quantize_model",
     "load_tokenizer",
     "stream_generate",
+    "use_huge_pages",
 ]
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_moe_kernels.models import ARCHITECTURES
+from mlx_moe_kernels.memory import use_huge_pages
 
 __all__ = [
     "load_model",
@@ -329,7 +330,9 @@ def _check_and_cast(
     return out
 
 
-def load_model(path: PathLike, *, dtype: Optional[Union[str, mx.Dtype]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+def load_model(
+    path: PathLike, *, dtype: Optional[Union[str, mx.Dtype]] = None, huge_pages: bool = False
+) -> Tuple[nn.Module, Dict[str, Any]]:
     """Load the checkpoint folder ``path``; returns ``(model, config)``.
 
     Args:
@@ -341,6 +344,9 @@ def load_model(path: PathLike, *, dtype: Optional[Union[str, mx.Dtype]] = None) 
         dtype: Cast floating-point weights to this dtype (an ``mx.Dtype`` or
             ``"float32"``/``"float16"``/``"bfloat16"``); ``None`` keeps the
             checkpoint's dtypes.
+        huge_pages: Back the loaded weights with transparent huge pages
+            (Linux; see :func:`mlx_moe_kernels.use_huge_pages`): faster
+            decoding on the CPU for a one-time cost at load.
 
     Returns:
         The model, with every parameter from the checkpoint (evaluated), and
@@ -368,5 +374,7 @@ def load_model(path: PathLike, *, dtype: Optional[Union[str, mx.Dtype]] = None) 
     model.load_weights(list(weights.items()), strict=True)
     del weights
     mx.eval(model.parameters())
+    if huge_pages:
+        use_huge_pages(model)
     model.eval()
     return model, config

@@ -1,0 +1,66 @@
+#include "cpu/huge_pages.h"
+
+#include <cstdint>
+#include <fstream>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "mlx/transforms.h"
+
+namespace mlx_moe {
+
+namespace {
+
+#if defined(__linux__)
+// Not in every libc's headers yet (Linux 6.1).
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+
+size_t huge_page_bytes() {
+  static const size_t bytes = [] {
+    std::ifstream f("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
+    size_t value = 0;
+    if (f >> value && value > 0 && (value & (value - 1)) == 0) {
+      return value;
+    }
+    return size_t(2) << 20;
+  }();
+  return bytes;
+}
+#endif
+
+} // namespace
+
+HugePageAdvice advise_huge_pages(mx::array a) {
+  HugePageAdvice advice;
+  mx::eval(a);
+#if defined(__linux__)
+  if (a.nbytes() == 0) {
+    return advice;
+  }
+  // The array's own bytes (a view may start inside a larger buffer).
+  const auto begin = reinterpret_cast<uintptr_t>(a.data<uint8_t>());
+  const uintptr_t end = begin + a.data_size() * a.itemsize();
+  const uintptr_t page = huge_page_bytes();
+  const uintptr_t first = (begin + page - 1) & ~(page - 1);
+  const uintptr_t last = end & ~(page - 1);
+  if (last <= first) {
+    return advice; // no whole huge page inside
+  }
+  void* start = reinterpret_cast<void*>(first);
+  const size_t length = last - first;
+  if (madvise(start, length, MADV_HUGEPAGE) != 0) {
+    return advice; // e.g. a file mapping, or THP compiled out
+  }
+  advice.advised = length;
+  if (madvise(start, length, MADV_COLLAPSE) == 0) {
+    advice.collapsed = length;
+  }
+#endif
+  return advice;
+}
+
+} // namespace mlx_moe
