@@ -132,6 +132,16 @@ def test_cli_generate(folders, capsys):
     assert "ours: prompt 4 tokens" in out and "generation 5 tokens" in out and "tokens/s" in out
 
 
+def test_cli_generate_huge_pages_same_text(folders, capsys):
+    folder = folders["qwen3_moe"]
+    assert cli.main(["generate", "--model", str(folder), "--prompt", PROMPT, "--max-tokens", "5"]) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(["generate", "--model", str(folder), "--prompt", PROMPT, "--max-tokens", "5", "--huge-pages"]) == 0
+    placed = capsys.readouterr().out
+    assert placed.startswith("[huge pages: ")
+    assert placed.split("\n", 1)[1].split("\n")[0] == plain.split("\n")[0]
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3_vl_moe", "qwen2_moe"])
 def test_cli_generate_compare(folders, capsys, arch):
     status = cli.main(
