@@ -41,9 +41,10 @@ HugePageAdvice advise_huge_pages(mx::array a) {
   if (a.nbytes() == 0) {
     return advice;
   }
-  // The array's own bytes (a view may start inside a larger buffer).
-  const auto begin = reinterpret_cast<uintptr_t>(a.data<uint8_t>());
-  const uintptr_t end = begin + a.data_size() * a.itemsize();
+  // The whole buffer the array lives in (a view's own extent can run
+  // backwards from its data pointer; the buffer's cannot).
+  const auto begin = reinterpret_cast<uintptr_t>(a.buffer().raw_ptr());
+  const uintptr_t end = begin + a.buffer_size();
   const uintptr_t page = huge_page_bytes();
   const uintptr_t first = (begin + page - 1) & ~(page - 1);
   const uintptr_t last = end & ~(page - 1);

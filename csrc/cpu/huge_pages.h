@@ -23,12 +23,12 @@ struct HugePageAdvice {
   size_t collapsed = 0; // of those, bytes MADV_COLLAPSE moved into huge pages now
 };
 
-// Evaluates `a` and asks the kernel to back the whole huge pages inside its
-// buffer with transparent huge pages: MADV_HUGEPAGE (later faults), then
-// MADV_COLLAPSE (Linux 6.1+: the pages already there, synchronously; the
-// contents do not change). Best effort: where the kernel refuses (THP off,
-// older kernel, no free huge pages, not Linux) the counts say so and
-// nothing else happens.
+// Evaluates `a` and asks the kernel to back the whole huge pages inside the
+// buffer it lives in with transparent huge pages: MADV_HUGEPAGE (later
+// faults), then MADV_COLLAPSE (Linux 6.1+: the pages already there,
+// synchronously; the contents do not change). Best effort: where the kernel
+// refuses (THP off, older kernel, no free huge pages, not Linux) the counts
+// say so and nothing else happens.
 HugePageAdvice advise_huge_pages(mx::array a);
 
 } // namespace mlx_moe
