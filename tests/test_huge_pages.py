@@ -93,3 +93,13 @@ def test_load_model_with_huge_pages(tmp_path):
     placed, _ = mk.load_model(tmp_path / "q3", huge_pages=True)
     tokens = mx.array([[2, 5, 9, 3]], dtype=mx.uint32)
     assert mx.array_equal(plain(tokens), placed(tokens))
+
+
+def test_views_advise_their_whole_buffer():
+    a = mx.random.normal((5, 1024, 1024))
+    mx.eval(a)
+    view = a[::-1]  # negative stride: its extent runs backwards from its data pointer
+    before = np.array(view)
+    advised, _ = _ext._advise_huge_pages(view)
+    assert advised == _ext._advise_huge_pages(a)[0]
+    assert np.array_equal(np.array(view), before)
