@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
@@ -78,12 +79,12 @@ NB_MODULE(_ext, m) {
 
   m.def(
       "_advise_huge_pages",
-      [](const mx::array& a) {
-        auto advice = mlx_moe::advise_huge_pages(a);
+      [](std::vector<mx::array> arrays) {
+        auto advice = mlx_moe::advise_huge_pages(std::move(arrays));
         return std::make_pair(advice.advised, advice.collapsed);
       },
-      "a"_a,
-      "(bytes advised, bytes collapsed) of the whole huge pages inside a's buffer "
+      "arrays"_a,
+      "(bytes advised, bytes collapsed) of the whole huge pages inside the arrays' distinct buffers "
       "(see mlx_moe_kernels.use_huge_pages).");
 
   m.def(

@@ -40,7 +40,7 @@ def test_values_unchanged_and_counts_bounded():
     a = mx.random.normal((5, 1024, 1024))  # 20 MiB
     mx.eval(a)
     before = np.array(a)
-    advised, collapsed = _ext._advise_huge_pages(a)
+    advised, collapsed = _ext._advise_huge_pages([a])
     assert np.array_equal(np.array(a), before)
     assert collapsed <= advised <= a.nbytes
     assert advised % HUGE_PAGE == 0
@@ -52,7 +52,7 @@ def test_values_unchanged_and_counts_bounded():
 
 def test_small_array_is_left_alone():
     a = mx.ones((100,))
-    assert _ext._advise_huge_pages(a) == (0, 0)
+    assert _ext._advise_huge_pages([a]) == (0, 0)
     assert mk.use_huge_pages(a) == 0
 
 
@@ -72,7 +72,7 @@ def test_modules_and_containers():
     mx.eval(layer.parameters())
     weights = {k: np.array(v) for k, v in layer.parameters().items()}
     total = mk.use_huge_pages(layer)
-    assert total == sum(_ext._advise_huge_pages(w)[1] for w in (layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight))
+    assert total == sum(_ext._advise_huge_pages([w])[1] for w in (layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight))
     for k, v in layer.parameters().items():
         assert np.array_equal(np.array(v), weights[k]), k
     assert mk.use_huge_pages([layer.up_proj.weight, {"w": layer.down_proj.weight}]) >= 0
@@ -100,6 +100,8 @@ def test_views_advise_their_whole_buffer():
     mx.eval(a)
     view = a[::-1]  # negative stride: its extent runs backwards from its data pointer
     before = np.array(view)
-    advised, _ = _ext._advise_huge_pages(view)
-    assert advised == _ext._advise_huge_pages(a)[0]
+    advised, _ = _ext._advise_huge_pages([view])
+    assert advised == _ext._advise_huge_pages([a])[0]
     assert np.array_equal(np.array(view), before)
+    # One buffer behind several arrays is advised and counted once.
+    assert _ext._advise_huge_pages([a, view, a[1:]]) == _ext._advise_huge_pages([a])

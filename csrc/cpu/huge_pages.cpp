@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <fstream>
+#include <set>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -34,31 +35,34 @@ size_t huge_page_bytes() {
 
 } // namespace
 
-HugePageAdvice advise_huge_pages(mx::array a) {
+HugePageAdvice advise_huge_pages(std::vector<mx::array> arrays) {
   HugePageAdvice advice;
-  mx::eval(a);
+  mx::eval(arrays);
 #if defined(__linux__)
-  if (a.nbytes() == 0) {
-    return advice;
-  }
-  // The whole buffer the array lives in (a view's own extent can run
-  // backwards from its data pointer; the buffer's cannot).
-  const auto begin = reinterpret_cast<uintptr_t>(a.buffer().raw_ptr());
-  const uintptr_t end = begin + a.buffer_size();
   const uintptr_t page = huge_page_bytes();
-  const uintptr_t first = (begin + page - 1) & ~(page - 1);
-  const uintptr_t last = end & ~(page - 1);
-  if (last <= first) {
-    return advice; // no whole huge page inside
-  }
-  void* start = reinterpret_cast<void*>(first);
-  const size_t length = last - first;
-  if (madvise(start, length, MADV_HUGEPAGE) != 0) {
-    return advice; // e.g. a file mapping, or THP compiled out
-  }
-  advice.advised = length;
-  if (madvise(start, length, MADV_COLLAPSE) == 0) {
-    advice.collapsed = length;
+  std::set<uintptr_t> seen; // buffers already advised
+  for (const auto& a : arrays) {
+    if (a.nbytes() == 0) {
+      continue;
+    }
+    // The whole buffer the array lives in (a view's own extent can run
+    // backwards from its data pointer; the buffer's cannot).
+    const auto begin = reinterpret_cast<uintptr_t>(a.buffer().raw_ptr());
+    const uintptr_t end = begin + a.buffer_size();
+    const uintptr_t first = (begin + page - 1) & ~(page - 1);
+    const uintptr_t last = end & ~(page - 1);
+    if (last <= first || !seen.insert(begin).second) {
+      continue; // no whole huge page inside, or done already
+    }
+    void* start = reinterpret_cast<void*>(first);
+    const size_t length = last - first;
+    if (madvise(start, length, MADV_HUGEPAGE) != 0) {
+      continue; // e.g. a file mapping, or THP compiled out
+    }
+    advice.advised += length;
+    if (madvise(start, length, MADV_COLLAPSE) == 0) {
+      advice.collapsed += length;
+    }
   }
 #endif
   return advice;

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstddef>
+#include <vector>
 
 #include "mlx/array.h"
 
@@ -23,12 +24,13 @@ struct HugePageAdvice {
   size_t collapsed = 0; // of those, bytes MADV_COLLAPSE moved into huge pages now
 };
 
-// Evaluates `a` and asks the kernel to back the whole huge pages inside the
-// buffer it lives in with transparent huge pages: MADV_HUGEPAGE (later
+// Evaluates `arrays` and asks the kernel to back the whole huge pages inside
+// the buffers they live in with transparent huge pages: MADV_HUGEPAGE (later
 // faults), then MADV_COLLAPSE (Linux 6.1+: the pages already there,
-// synchronously; the contents do not change). Best effort: where the kernel
-// refuses (THP off, older kernel, no free huge pages, not Linux) the counts
-// say so and nothing else happens.
-HugePageAdvice advise_huge_pages(mx::array a);
+// synchronously; the contents do not change). A buffer shared by several
+// arrays (views, slices of one fused weight) is advised and counted once.
+// Best effort: where the kernel refuses (THP off, older kernel, no free huge
+// pages, not Linux) the counts say so and nothing else happens.
+HugePageAdvice advise_huge_pages(std::vector<mx::array> arrays);
 
 } // namespace mlx_moe

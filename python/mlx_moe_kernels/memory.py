@@ -45,7 +45,8 @@ def use_huge_pages(obj: Any) -> int:
     parameters are taken, or lists/tuples/dicts of these), the whole 2 MiB
     pages inside its buffer are marked ``MADV_HUGEPAGE`` and moved into huge
     pages now with ``MADV_COLLAPSE`` (Linux 6.1 or later). The values do not
-    change. It is a one-time cost of about a second per GB on our 2-core
+    change; a buffer several arrays share (views, slices of one weight) is
+    handled once. It is a one-time cost of about a second per GB on our 2-core
     machine; call it once after loading (``load_model(...,
     huge_pages=True)`` does), not per step.
 
@@ -57,13 +58,11 @@ def use_huge_pages(obj: Any) -> int:
         obj: The arrays or module whose weights to place.
 
     Returns:
-        The number of bytes now backed by huge pages (0 where the kernel
+        The number of bytes now backed by huge pages, each buffer counted
+        once (0 where the kernel
         refused; arrays smaller than a huge page never count).
 
     Raises:
         TypeError: ``obj`` holds something other than arrays and modules.
     """
-    collapsed = 0
-    for array in _arrays(obj):
-        collapsed += _ext._advise_huge_pages(array)[1]
-    return collapsed
+    return _ext._advise_huge_pages(list(_arrays(obj)))[1]
