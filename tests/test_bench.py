@@ -24,7 +24,7 @@ def tiny(monkeypatch):
     """A tiny model shape for ``--model tiny-moe``, with a small cold working
     set (otherwise the harness allocates 256 MiB of weight copies)."""
     monkeypatch.setitem(bench.MODEL_SHAPES, TINY.name, TINY)
-    monkeypatch.setattr(bench, "COLD_WORKING_SET_BYTES", 1 << 20)
+    monkeypatch.setattr(bench.workloads, "COLD_WORKING_SET_BYTES", 1 << 20)
     return TINY
 
 
