@@ -118,6 +118,29 @@ NB_MODULE(_ext, m) {
       "Quantized gather matmul with the semantics of mx.gather_qmm (see mlx_moe_kernels.gather_qmm).");
 
   m.def(
+      "linear",
+      &mlx_moe::linear,
+      "x"_a,
+      "weight"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "x @ weight.T as nn.Linear computes it (see mlx_moe_kernels.linear).");
+
+  m.def(
+      "quantized_linear",
+      &mlx_moe::quantized_linear,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a = nb::none(),
+      "group_size"_a = nb::none(),
+      "bits"_a = nb::none(),
+      "mode"_a = "affine",
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "x @ W.T for an mx.quantize triple, as nn.QuantizedLinear (see mlx_moe_kernels.quantized_linear).");
+
+  m.def(
       "switch_glu",
       &mlx_moe::switch_glu,
       "x"_a,

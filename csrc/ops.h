@@ -62,6 +62,27 @@ mx::array switch_glu(
     std::optional<mx::array> scores = std::nullopt,
     mx::StreamOrDevice s = {});
 
+// A dense projection x @ weight^T, nn.Linear's product: x [..., K], weight
+// [N, K] -> [..., N] in the promoted dtype (float32, float16, bfloat16).
+// On the CPU it runs our gather kernels over a single matrix (linear.cpp);
+// elsewhere it is mx::matmul. Differentiable in x and weight.
+mx::array linear(mx::array x, mx::array weight, mx::StreamOrDevice s = {});
+
+// nn.QuantizedLinear's product x @ W^T, W one mx.quantize triple (w [N,
+// K * bits / 32], scales, biases) in a format gather_qmm accepts; the
+// output dtype follows mx.quantized_matmul. On the CPU our gather_qmm
+// kernels over a single matrix; elsewhere mx::quantized_matmul.
+// Differentiable in x.
+mx::array quantized_linear(
+    mx::array x,
+    mx::array w,
+    mx::array scales,
+    std::optional<mx::array> biases = std::nullopt,
+    std::optional<int> group_size = std::nullopt,
+    std::optional<int> bits = std::nullopt,
+    const std::string& mode = "affine",
+    mx::StreamOrDevice s = {});
+
 // One mx.quantize triple: packed codes, scales and (affine) biases.
 struct QuantizedWeight {
   mx::array weight;

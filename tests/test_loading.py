@@ -238,7 +238,7 @@ def test_only_layers_with_scales_are_quantized(tmp_path):
     config["quantization"] = {"group_size": 64, "bits": 8}
     loaded, _ = mk.load_model(_save(model, config, tmp_path / "q"))
     assert type(loaded.layers[0].mlp.switch_mlp.up_proj) is mk.QuantizedSwitchLinear
-    assert type(loaded.layers[0].mlp.gate) is nn.Linear
+    assert type(loaded.layers[0].mlp.gate) is mk.dense.Linear
     assert mx.array_equal(loaded(TOKENS), model(TOKENS))
 
 
@@ -304,7 +304,7 @@ def test_quantization_config_and_text_config_sections(quantized_folder, tmp_path
     section = config.pop("quantization")
     (folder / "config.json").write_text(json.dumps(config))  # quantization_config only
     model, _ = mk.load_model(folder)
-    assert type(model.layers[0].mlp.gate) is nn.QuantizedLinear and model.layers[0].mlp.gate.bits == 8
+    assert type(model.layers[0].mlp.gate) is mk.dense.QuantizedLinear and model.layers[0].mlp.gate.bits == 8
     config.pop("quantization_config")
     config["text_config"] = {"quantization": section}
     (folder / "config.json").write_text(json.dumps(config))

@@ -242,7 +242,7 @@ def test_quant_predicates_like_mlx_lm(tmp_path):
     assert model.quant_predicate("model.layers.0.mlp.switch_mlp.up_proj", None) is True
     quantized = quantize_model(model, config, bits=4)
     router = model.layers[0].mlp.gate
-    assert type(router) is nn.QuantizedLinear and (router.bits, router.group_size) == (8, 64)
+    assert type(router) is mk.dense.QuantizedLinear and (router.bits, router.group_size) == (8, 64)
     assert quantized["quantization"]["model.layers.0.mlp.gate"] == {"group_size": 64, "bits": 8}
     assert model.layers[0].mlp.switch_mlp.uses_fused_kernel()
     assert not hasattr(mk.models.qwen2_moe.Model, "quant_predicate")

@@ -5,8 +5,12 @@ The public API:
 * ops, custom MLX primitives with their own CPU kernels: ``gather_mm``
   (top-k expert dispatch), ``gather_qmm`` (the same on ``mx.quantize``
   weights), ``switch_glu`` (a fused SwitchGLU with the
-  optional score-weighted combine) and ``route`` (token slots grouped by
-  expert);
+  optional score-weighted combine), ``route`` (token slots grouped by
+  expert), and the dense projections ``linear`` / ``quantized_linear``
+  (``x @ W.T`` on the same kernels over a single matrix);
+* ``dense``: ``Linear``, ``QuantizedLinear``, ``Embedding``,
+  ``QuantizedEmbedding``, MLX's layers computing on those ops (our models
+  use them for the attention, router, shared expert and lm_head);
 * layers, drop-in for mlx-lm's: ``SwitchLinear``, ``QuantizedSwitchLinear``
   (what ``nn.quantize`` makes of a ``SwitchLinear``), ``SwitchGLU``,
   ``SwitchMLP`` (and the ``SwiGLU`` activation);
@@ -22,7 +26,8 @@ The public API:
   (Linux), which decode reads faster (see :mod:`mlx_moe_kernels.memory`).
 """
 
-from mlx_moe_kernels.ops import gather_mm, gather_qmm, route, switch_glu
+from mlx_moe_kernels.ops import gather_mm, gather_qmm, linear, quantized_linear, route, switch_glu
+from mlx_moe_kernels import dense
 from mlx_moe_kernels.layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU, SwitchLinear, SwitchMLP
 from mlx_moe_kernels.patch import patch, unpatch
 from mlx_moe_kernels import reference
@@ -36,6 +41,9 @@ __all__ = [
     "gather_qmm",
     "switch_glu",
     "route",
+    "linear",
+    "quantized_linear",
+    "dense",
     "SwiGLU",
     "SwitchLinear",
     "QuantizedSwitchLinear",

@@ -10,6 +10,7 @@ sampling, EOS stopping, streaming, and prompt/generation speed.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -102,6 +103,33 @@ def sample(logits: mx.array, temp: float = 0.0, top_p: float = 1.0) -> mx.array:
     return mx.random.categorical(logits, axis=-1)
 
 
+# Prompt positions run through the model per forward pass: bounds the
+# activations a long prompt needs (a [chunk, vocab] logit block is never
+# made: only the last position's logits are computed).
+PREFILL_CHUNK = 512
+
+
+def _takes_last_only(model: nn.Module) -> bool:
+    """Whether ``model(tokens, cache, last_only=True)`` is accepted (our
+    models; mlx-lm's take no such argument)."""
+    try:
+        return "last_only" in inspect.signature(model.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_arrays(cache: list) -> List[mx.array]:
+    """The key/value arrays of a list of caches (what a prompt chunk must
+    compute; mlx-lm's caches expose ``state``, ours ``keys``/``values``)."""
+    arrays: List[mx.array] = []
+    for c in cache:
+        for name in ("keys", "values"):
+            value = getattr(c, name, None)
+            if isinstance(value, mx.array):
+                arrays.append(value)
+    return arrays
+
+
 def generate_tokens(
     model: nn.Module,
     prompt: Sequence[int],
@@ -111,27 +139,54 @@ def generate_tokens(
     top_p: float = 1.0,
     eos_ids: Sequence[int] = (),
     cache: Optional[list] = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> Iterator[int]:
     """Yield generated token ids one by one (batch of one).
 
-    The prompt is run once through the model filling a fresh KV cache (or
-    ``cache``); each step then feeds only the last token. Stops after
+    The prompt fills a fresh KV cache (or ``cache``) in chunks of
+    ``prefill_chunk`` positions, computing logits for its last position
+    only; each step then feeds only the last token. The next step's graph
+    is built and its evaluation started (``mx.async_eval``) before the
+    current token is read back, so the host never waits between steps; the
+    token stays on the device until it is yielded. Stops after
     ``max_tokens`` tokens or after yielding a token in ``eos_ids`` (the EOS
-    token is yielded, so callers can see why it stopped)."""
+    token is yielded, so callers can see why it stopped). Because of that
+    pipelining, a caller-supplied ``cache`` may hold one position more than
+    the tokens yielded when the loop stops early."""
     if len(prompt) == 0:
         raise ValueError("the prompt must have at least one token")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
     cache = make_cache(model) if cache is None else cache
-    inputs = mx.array([list(prompt)], dtype=mx.uint32)
+    last_only = {"last_only": True} if _takes_last_only(model) else {}
     eos = set(int(e) for e in eos_ids)
-    for _ in range(max_tokens):
-        logits = model(inputs, cache=cache)[:, -1, :]
-        token = sample(logits, temp, top_p)
-        mx.eval(token)
+
+    def next_token(inputs: mx.array) -> mx.array:
+        logits = model(inputs, cache=cache, **last_only)[:, -1, :]
+        return sample(logits, temp, top_p)
+
+    ids = list(prompt)
+    while len(ids) > prefill_chunk:
+        # Every chunk but the last only fills the cache: evaluating the
+        # cache arrays skips the chunk's logits entirely.
+        chunk = mx.array([ids[:prefill_chunk]], dtype=mx.uint32)
+        model(chunk, cache=cache, **last_only)
+        mx.eval(_cache_arrays(cache))
+        ids = ids[prefill_chunk:]
+    if max_tokens <= 0:
+        return
+    token = next_token(mx.array([ids], dtype=mx.uint32))
+    mx.async_eval(token)
+    for n in range(max_tokens):
+        following = None
+        if n + 1 < max_tokens:
+            following = next_token(token.reshape(1, 1).astype(mx.uint32))
+            mx.async_eval(following)
         value = int(token.item())
         yield value
         if value in eos:
             return
-        inputs = token.reshape(1, 1).astype(mx.uint32)
+        token = following
 
 
 @dataclass

@@ -143,6 +143,80 @@ QuantizedWeight = Tuple[mx.array, mx.array, Optional[mx.array]]
 biases)``, with ``biases`` ``None`` in ``"mxfp4"`` mode."""
 
 
+def linear(
+    x: mx.array,
+    weight: mx.array,
+    bias: Optional[mx.array] = None,
+    *,
+    stream: StreamOrDevice = None,
+) -> mx.array:
+    """A dense projection ``x @ weight.T (+ bias)``, as ``nn.Linear``.
+
+    On the CPU this is our gather kernel over a single matrix: a few rows
+    (decoding) stream ``weight`` once over every core at memory speed; many
+    rows (a prompt) run the register-tiled path. On other devices it is
+    ``mx.matmul`` (MLX's GPU matmul is already tuned).
+
+    Args:
+        x: Activations ``[..., K]``, float32, float16 or bfloat16.
+        weight: ``[N, K]``, as ``nn.Linear`` stores it.
+        bias: Optional ``[N]``, added to the product.
+        stream: Stream or device.
+
+    Returns:
+        ``[..., N]`` in the promoted dtype of ``x`` and ``weight`` (then of
+        the bias), float32-accumulated. Differentiable in all inputs.
+
+    Raises:
+        ValueError: If ``weight`` is not 2-d, the feature sizes differ, or
+            the dtypes promote to something other than float32, float16 or
+            bfloat16.
+    """
+    out = _ext.linear(x, weight, stream=stream)
+    return out if bias is None else mx.add(out, bias, stream=stream)
+
+
+def quantized_linear(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array] = None,
+    group_size: Optional[int] = None,
+    bits: Optional[int] = None,
+    mode: str = "affine",
+    *,
+    bias: Optional[mx.array] = None,
+    stream: StreamOrDevice = None,
+) -> mx.array:
+    """``x @ W.T (+ bias)`` for one ``mx.quantize`` triple, as
+    ``nn.QuantizedLinear`` (``mx.quantized_matmul`` with ``transpose=True``).
+
+    On the CPU this is our ``gather_qmm`` kernel over a single matrix: a
+    few rows multiply the packed codes directly (one pass over ``w`` at
+    memory speed), many rows dequantize a block of ``w`` at a time into
+    cache. On other devices it is ``mx.quantized_matmul``.
+
+    Args:
+        x: Activations ``[..., K]``, float32, float16 or bfloat16.
+        w: Packed codes, uint32 ``[N, K * bits / 32]``.
+        scales: Per-group scales ``[N, K / group_size]``.
+        biases: Per-group biases (``"affine"`` only).
+        group_size, bits, mode: The quantization, as in :func:`gather_qmm`
+            (``"affine"`` or ``"mxfp4"``).
+        bias: Optional ``[N]`` layer bias (``nn.QuantizedLinear.bias``).
+        stream: Stream or device.
+
+    Returns:
+        ``[..., N]`` in the dtype ``mx.quantized_matmul`` gives. Differentiable
+        in ``x``.
+
+    Raises:
+        ValueError: For an unsupported format, mismatched shapes or dtypes.
+    """
+    out = _ext.quantized_linear(x, w, scales, biases, group_size, bits, mode, stream=stream)
+    return out if bias is None else mx.add(out, bias, stream=stream)
+
+
 def switch_glu(
     x: mx.array,
     gate_weight: Union[None, mx.array, QuantizedWeight],

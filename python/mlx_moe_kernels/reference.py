@@ -187,6 +187,35 @@ def gather_qmm(
     return out.astype(out_dtype)
 
 
+def linear(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None, *, stream=None) -> mx.array:
+    """Reference ``linear``: ``x @ weight.T (+ bias)`` with MLX's matmul."""
+    out = mx.matmul(x, weight.T, stream=stream)
+    return out if bias is None else out + bias
+
+
+def quantized_linear(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: Optional[mx.array] = None,
+    group_size: int = 64,
+    bits: int = 4,
+    mode: str = "affine",
+    *,
+    bias: Optional[mx.array] = None,
+    stream=None,
+) -> mx.array:
+    """Reference ``quantized_linear``: :func:`gather_qmm` (float32
+    dequantize, float32 matmul) over the single matrix ``w``."""
+    out = gather_qmm(
+        x.reshape(1, -1, x.shape[-1]), w[None], scales[None],
+        None if biases is None else biases[None],
+        group_size=group_size, bits=bits, mode=mode, stream=stream,
+    )
+    out = out.reshape(*x.shape[:-1], w.shape[0])
+    return out if bias is None else out + bias
+
+
 def _quantized_switch_glu(x, gate, up, down, indices, scores, *, group_size, bits, mode, stream):
     """``switch_glu`` on quantized ``(weight, scales, biases)`` projections."""
     rows = mx.expand_dims(x, (-2, -3))

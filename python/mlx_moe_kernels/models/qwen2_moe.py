@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_moe_kernels.dense import Embedding, Linear
 from mlx_moe_kernels.layers import SwitchGLU
 from mlx_moe_kernels.models.base import (
     MLP,
@@ -101,10 +102,10 @@ class Qwen2MoeSparseMoeBlock(nn.Module):
         self.top_k = args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
         self.fused = True
-        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.gate = Linear(args.hidden_size, args.num_experts, bias=False)
         self.switch_mlp = SwitchGLU(args.hidden_size, args.moe_intermediate_size, args.num_experts)
         self.shared_expert = MLP(args.hidden_size, args.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(args.hidden_size, 1, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         """``[..., D] -> [..., D]``."""
@@ -148,7 +149,7 @@ class Qwen2MoeModel(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = [Qwen2MoeDecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -172,12 +173,18 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = Qwen2MoeModel(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
-        """Logits ``[B, L, vocab]``; ``cache`` (a list of per-layer
+    def __call__(self, tokens: mx.array, cache=None, *, last_only: bool = False) -> mx.array:
+        """Logits ``[B, L, vocab]`` (``[B, 1, vocab]``, the last position's,
+        with ``last_only``); ``cache`` (a list of per-layer
         :class:`~mlx_moe_kernels.models.base.KVCache`) is extended in place."""
         h = self.model(tokens, cache)
+        if last_only:
+            # Generation needs the next token's logits only: the lm_head is
+            # the largest matrix, and [B, L, vocab] logits of a prompt cost
+            # more than the rest of the prefill.
+            h = h[:, -1:, :]
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

@@ -67,9 +67,10 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.language_model = qwen3_moe.Model(args.text_args())
 
-    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
-        """Logits ``[B, L, vocab]`` of the language model."""
-        return self.language_model(tokens, cache)
+    def __call__(self, tokens: mx.array, cache=None, *, last_only: bool = False) -> mx.array:
+        """Logits ``[B, L, vocab]`` of the language model (the last
+        position's only, ``[B, 1, vocab]``, with ``last_only``)."""
+        return self.language_model(tokens, cache, last_only=last_only)
 
     def set_fused(self, fused: bool) -> None:
         """Use our fused experts (True) or the reference composition."""
