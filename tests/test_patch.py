@@ -294,7 +294,7 @@ def test_unsupported_quantization_is_left_alone(mode, group_size, bits):
         tokens = prompt(1, 11)
         before = logits(m, tokens)
         classes = [type(x) for _, x in m.named_modules()]
-        assert mlx_moe_kernels.patch(m) == 0
+        assert mlx_moe_kernels.patch(m, dense_layers=False) == 0
         assert [type(x) for _, x in m.named_modules()] == classes
         assert all(type(b) is qwen3_moe.Qwen3MoeSparseMoeBlock for b in sparse_blocks(m))
         np.testing.assert_array_equal(logits(m, tokens), before)
@@ -346,6 +346,58 @@ def test_quantized_switch_glu_with_bias(build):
             assert ours[name][array] is theirs[name][array]
     np.testing.assert_allclose(np.array(ours(x, indices)), np.array(expected), rtol=1e-4, atol=1e-5)
     assert mlx_moe_kernels.unpatch(holder) == 1 and holder.experts is theirs
+
+
+# ======================================================== dense layers
+DENSE_CLASSES = {
+    nn.Linear: mlx_moe_kernels.dense.Linear,
+    nn.QuantizedLinear: mlx_moe_kernels.dense.QuantizedLinear,
+    nn.Embedding: mlx_moe_kernels.dense.Embedding,
+    nn.QuantizedEmbedding: mlx_moe_kernels.dense.QuantizedEmbedding,
+}
+
+
+@pytest.mark.parametrize("case", ["float", "affine4", "mxfp4", "tied"])
+def test_dense_layers_are_patched(build, case):
+    """patch also computes mlx-lm's dense layers (attention, routers, the
+    shared expert and its gate, the lm_head or tied embedding) on our
+    kernels: same arrays, same logits; unpatch gives MLX's classes back."""
+    arch = "qwen2_moe" if case == "tied" else "qwen3_moe"
+    if case == "tied":
+        mx.random.seed(0)
+        model = qwen2_moe.Model(qwen2_moe.ModelArgs.from_dict({**QWEN2, "tie_word_embeddings": True}))
+        mx.eval(model.parameters())
+    else:
+        model = build_model(arch)
+    if case == "affine4":
+        quantize(model, 32, 4, "affine")
+    elif case == "mxfp4":
+        quantize(model, 32, 4, "mxfp4")
+    tokens = prompt(1, 9)
+    before = logits(model, tokens)
+    dense_before = [(m, type(m)) for _, m in model.named_modules() if type(m) in DENSE_CLASSES]
+    assert dense_before and any("as_linear" in dir(m) for m, _ in dense_before)
+    params_before = tree_flatten(model.parameters())
+    mlx_moe_kernels.patch(model)
+    for module, cls in dense_before:
+        assert type(module) is DENSE_CLASSES[cls]
+    assert all(a is b for (_, a), (_, b) in zip(tree_flatten(model.parameters()), params_before))
+    assert_logits_close(logits(model, tokens), before, rtol=1e-4)
+    mlx_moe_kernels.unpatch(model)
+    assert all(type(module) is cls for module, cls in dense_before)
+    np.testing.assert_array_equal(logits(model, tokens), before)
+
+
+def test_dense_patch_leaves_our_own_layers():
+    """unpatch only reverts the layers patch changed: a model built on our
+    dense layers keeps them."""
+    layer = mlx_moe_kernels.dense.Linear(8, 4)
+    container = nn.Sequential(layer, nn.Linear(4, 4))
+    mlx_moe_kernels.patch(container)
+    assert type(container.layers[1]) is mlx_moe_kernels.dense.Linear
+    mlx_moe_kernels.unpatch(container)
+    assert type(container.layers[0]) is mlx_moe_kernels.dense.Linear
+    assert type(container.layers[1]) is nn.Linear
 
 
 def test_quantize_after_patch(build):

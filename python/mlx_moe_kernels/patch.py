@@ -40,6 +40,15 @@ What :func:`patch` changes:
   sigmoid gate, and the distributed hooks are reproduced as mlx-lm writes
   them.
 
+* Every layer whose type is exactly MLX's ``nn.Linear``,
+  ``nn.QuantizedLinear`` (affine or mxfp4), ``nn.Embedding`` or
+  ``nn.QuantizedEmbedding`` - the attention projections, routers, shared
+  experts and their gates, dense MLPs, the lm_head and a tied embedding -
+  gets the matching subclass from :mod:`mlx_moe_kernels.dense` (set on the
+  instance, like the blocks), which computes ``x @ W.T`` with our CPU
+  kernels (MLX's matmul on a GPU). ``patch(model, dense_layers=False)``
+  skips this.
+
 What it leaves alone (as mlx-lm's, computing with ``mx.gather_qmm``): a
 ``SwitchGLU`` with any projection in a quantization format our kernels do
 not take (``"nvfp4"``, ``"mxfp8"``, an nvfp4 ``global_scale``, other group
@@ -64,6 +73,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_moe_kernels import dense
 from mlx_moe_kernels.layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear
 
 __all__ = ["patch", "unpatch"]
@@ -333,8 +343,40 @@ def _unfuse_block(module: Any) -> None:
         module.__class__ = type(module).__bases__[0]
 
 
+# ------------------------------------------------------- dense layers
+# MLX's dense layer class -> ours (a subclass that only changes how the
+# product is computed, so the instance keeps its arrays and attributes).
+_DENSE_CLASSES = {
+    nn.Linear: dense.Linear,
+    nn.QuantizedLinear: dense.QuantizedLinear,
+    nn.Embedding: dense.Embedding,
+    nn.QuantizedEmbedding: dense.QuantizedEmbedding,
+}
+_DENSE_PATCHED_ATTR = "_mlx_moe_dense_patched"
+
+
+def _patch_dense(module: Any) -> None:
+    """Give an exact MLX ``Linear``/``QuantizedLinear``/``Embedding``/
+    ``QuantizedEmbedding`` our subclass (set on the instance, as for the
+    blocks: no array is copied). Quantized layers in a mode our kernels do
+    not take are left alone."""
+    ours = _DENSE_CLASSES.get(type(module))
+    if ours is None:
+        return
+    if "scales" in module and module.mode not in dense.KERNEL_QUANT_MODES:
+        return
+    module.__class__ = ours
+    object.__setattr__(module, _DENSE_PATCHED_ATTR, True)
+
+
+def _unpatch_dense(module: Any) -> None:
+    """Give a layer :func:`_patch_dense` changed its MLX class back."""
+    if isinstance(module, nn.Module) and module.__dict__.pop(_DENSE_PATCHED_ATTR, False):
+        module.__class__ = type(module).__bases__[0]
+
+
 # ---------------------------------------------------------- public API
-def patch(model: nn.Module, *, fuse_combine: bool = True) -> int:
+def patch(model: nn.Module, *, fuse_combine: bool = True, dense_layers: bool = True) -> int:
     """Replace mlx-lm's ``SwitchGLU`` layers in ``model`` by ours, in place:
     float experts and experts quantized in a format of our kernels
     (``"affine"``, ``"mxfp4"``).
@@ -350,6 +392,12 @@ def patch(model: nn.Module, *, fuse_combine: bool = True) -> int:
             replaced in and is left alone, a MoE block is patched).
         fuse_combine: Also patch the known Qwen MoE blocks so the routing
             scores' weighted sum runs inside the fused kernel.
+        dense_layers: Also compute MLX's ``nn.Linear``, ``nn.QuantizedLinear``
+            (affine, mxfp4), ``nn.Embedding`` and ``nn.QuantizedEmbedding``
+            layers (attention projections, routers, shared experts, the
+            lm_head, tied or not) with :mod:`mlx_moe_kernels.dense` (our
+            CPU kernels; MLX's matmul on a GPU). Only exact MLX classes
+            are changed, on the instance; the arrays are the same.
 
     Returns:
         The number of ``SwitchGLU`` layers replaced (float and quantized);
@@ -364,20 +412,25 @@ def patch(model: nn.Module, *, fuse_combine: bool = True) -> int:
         if _replaceable(value):
             container[key] = _ours_from(value)
             replaced += 1
-        elif fuse_combine:
-            _fuse_block(value)
+        else:
+            if fuse_combine:
+                _fuse_block(value)
+            if dense_layers:
+                _patch_dense(value)
 
     _walk(model, visit)
     if fuse_combine:
         _fuse_block(model)
+    if dense_layers:
+        _patch_dense(model)
     return replaced
 
 
 def unpatch(model: nn.Module) -> int:
     """Undo :func:`patch`: put back the original mlx-lm ``SwitchGLU`` layers
     and their projections (``SwitchLinear`` or ``QuantizedSwitchLinear``,
-    holding the arrays their replacements hold now) and the MoE blocks'
-    original classes.
+    holding the arrays their replacements hold now), the MoE blocks'
+    original classes and the MLX classes of the dense layers it changed.
 
     Returns:
         The number of ``SwitchGLU`` layers restored.
@@ -391,7 +444,9 @@ def unpatch(model: nn.Module) -> int:
             restored += 1
         else:
             _unfuse_block(value)
+            _unpatch_dense(value)
 
     _walk(model, visit)
     _unfuse_block(model)
+    _unpatch_dense(model)
     return restored
