@@ -1,7 +1,9 @@
 """The ``mlx-moe`` command line.
 
 ``mlx-moe bench`` times our kernels against MLX's stock ops and the plain-MLX
-reference on real MoE model shapes (see :mod:`mlx_moe_kernels.bench`).
+reference on real MoE model shapes (see :mod:`mlx_moe_kernels.bench`);
+``mlx-moe bench --mode model`` benchmarks a whole model, prefill, decode and
+the parts of a decode step (see :mod:`mlx_moe_kernels.bench.model`).
 ``mlx-moe generate`` generates text from a local checkpoint folder with our
 model definitions (see :mod:`mlx_moe_kernels.generate`), optionally side by
 side with the stock (unfused) path.
@@ -92,17 +94,42 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, width=_HELP_WIDTH)
 
 
+MODEL_MODE = "model"
+"""``--mode model``: the whole-model benchmark (:mod:`mlx_moe_kernels.bench.model`)."""
+
+_MODEL_MODE_SUMMARY = (
+    "A whole model (random weights from a built-in config, or --checkpoint) in each "
+    "--format: prefill and decode tokens/s, the parts of a decode step (ms, GB/s) and "
+    "the share of the read bandwidth a step reaches."
+)
+
+
 def _modes_help() -> str:
     lines = []
-    for mode in bench.MODES:
+    summaries = {mode: bench.mode_summary(mode) for mode in bench.MODES}
+    summaries[MODEL_MODE] = _MODEL_MODE_SUMMARY
+    for mode, summary in summaries.items():
         default = " (default)" if mode == bench.DEFAULT_MODE else ""
         lines.append(
             textwrap.fill(
-                bench.mode_summary(mode) + default,
+                summary + default,
                 width=_HELP_WIDTH,
                 initial_indent=f"  {mode:<12}",
                 subsequent_indent=" " * 14,
             )
+        )
+    return "\n".join(lines)
+
+
+def _model_configs_help() -> str:
+    lines = []
+    for name, config in bench.model.MODEL_CONFIGS.items():
+        shared = config.get("shared_expert_intermediate_size")
+        lines.append(
+            f"  {name:<20} {config['num_hidden_layers']} layers, D={config['hidden_size']}, "
+            f"{config['num_attention_heads']}/{config.get('num_key_value_heads')} heads, "
+            f"E={config['num_experts']} k={config['num_experts_per_tok']} "
+            f"H={config['moe_intermediate_size']}" + (f", shared {shared}" if shared else "")
         )
     return "\n".join(lines)
 
@@ -137,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
             "With --bits, --group-size or --quant-mode the experts are quantized "
             "on the fly (mx.quantize, mlx-lm's layout) and the quantized ops are "
             "timed: ours (gather_qmm; switch_glu on the quantized triples) against "
-            "mx.gather_qmm and the reference."
+            "mx.gather_qmm and the reference. --mode model instead benchmarks a whole "
+            "model (see 'whole model' below)."
         ),
         epilog=(
             "modes:\n"
@@ -146,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
             f"{_models_help()}\n"
             "\ndefaults by device:\n"
             f"{_defaults_help()}\n"
+            f"\nmodels of --mode model (default {bench.model.DEFAULT_MODEL}, "
+            f"--layers {bench.model.DEFAULT_LAYERS}):\n"
+            f"{_model_configs_help()}\n"
             "\nexamples:\n"
             "  mlx-moe bench\n"
             "  mlx-moe bench --model all --tokens 1,16 --dtype bfloat16\n"
@@ -153,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
             "  mlx-moe bench --no-reference --plot speedup.png\n"
             "  mlx-moe bench --bits 4 --tokens 1,8 --dtype bfloat16\n"
             "  mlx-moe bench --mode gather_mm --quant-mode mxfp4\n"
+            "  mlx-moe bench --mode model --layers 2 --format bf16,q4 --json model.json\n"
+            "  mlx-moe bench --mode model --checkpoint path/to/Qwen3-30B-A3B --format q4\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench_parser.add_argument(
         "--mode",
-        choices=list(bench.MODES),
+        choices=[*bench.MODES, MODEL_MODE],
         default=bench.DEFAULT_MODE,
         help=f"the operation to benchmark (default: {bench.DEFAULT_MODE})",
     )
@@ -192,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="timed calls per implementation and cell (default: as many as fit "
         f"in ~{bench.CELL_TIME_BUDGET_S:g} s per cell, at most {bench.MAX_REPEATS}); "
-        f"the reference makes at most {bench.REFERENCE_MAX_REPEATS}",
+        f"the reference makes at most {bench.REFERENCE_MAX_REPEATS}. --mode model: timed "
+        f"prefill and decode runs per format (default {bench.model.DEFAULT_REPEATS})",
     )
     bench_parser.add_argument(
         "--no-reference",
@@ -237,6 +271,40 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--quant-mode", choices=list(bench.QUANT_MODES),
         help="quantization mode (default: affine)",
+    )
+    whole = bench_parser.add_argument_group(
+        "whole model (--mode model)",
+        textwrap.fill(
+            "build a whole model with random weights from a built-in config (--model, "
+            "truncated to --layers) or load --checkpoint, and per --format measure prefill "
+            "tokens/s (the last position's logits only), decode tokens/s (greedy steps from a "
+            "fresh cache, as llama-bench's tg), the parts of a decode step (experts, router, "
+            "attention projections, attention, lm_head, rest) in ms and GB/s, and the share "
+            "of a read-bandwidth probe that a step's bytes reach",
+            width=_HELP_WIDTH - 2,
+        ),
+    )
+    whole.add_argument(
+        "--layers", type=_positive_int, metavar="N",
+        help=f"decoder layers of a built-in model (default: {bench.model.DEFAULT_LAYERS})",
+    )
+    whole.add_argument(
+        "--format", action="append", metavar="LIST",
+        help=f"weight formats, comma-separated, from {','.join(bench.model.FORMATS)} "
+        "(q8/q4: affine, group size 64; default: all)",
+    )
+    whole.add_argument(
+        "--prompt-tokens", type=_positive_int, metavar="N",
+        help=f"prompt length of the prefill test (default: {bench.model.DEFAULT_PROMPT_TOKENS})",
+    )
+    whole.add_argument(
+        "--decode-tokens", type=_positive_int, metavar="N",
+        help=f"steps of the decode test (default: {bench.model.DEFAULT_DECODE_TOKENS})",
+    )
+    whole.add_argument(
+        "--checkpoint", metavar="DIR",
+        help="load this checkpoint folder instead of building random weights "
+        "(a quantized one runs as stored)",
     )
     bench_parser.add_argument(
         "--no-progress",
@@ -428,7 +496,66 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return EXIT_OK
 
 
+# Options of the cell modes and of the model mode, by argparse dest: each
+# mode rejects the other's (a silently ignored option misleads).
+_CELL_ONLY_OPTIONS = {
+    "tokens": "--tokens", "dtype": "--dtype", "bits": "--bits", "group_size": "--group-size",
+    "quant_mode": "--quant-mode", "plot": "--plot",
+}
+_MODEL_ONLY_OPTIONS = {
+    "layers": "--layers", "format": "--format", "prompt_tokens": "--prompt-tokens",
+    "decode_tokens": "--decode-tokens", "checkpoint": "--checkpoint",
+}
+
+
+def _run_model_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    given = [flag for dest, flag in _CELL_ONLY_OPTIONS.items() if getattr(args, dest) is not None]
+    if not args.include_reference:
+        given.append("--no-reference")
+    if given:
+        parser.error(f"{', '.join(given)}: not used by --mode model")
+    models = _split_list(args.model)
+    if models is not None and (len(models) != 1 or args.checkpoint):
+        parser.error("--mode model takes one --model, or --checkpoint instead")
+    layers = args.layers
+    if layers is None and args.checkpoint is None:
+        layers = bench.model.DEFAULT_LAYERS  # a checkpoint loads all of its layers
+    options = dict(
+        checkpoint=args.checkpoint,
+        layers=layers,
+        formats=_split_list(args.format),
+        prompt_tokens=args.prompt_tokens or bench.model.DEFAULT_PROMPT_TOKENS,
+        decode_tokens=args.decode_tokens or bench.model.DEFAULT_DECODE_TOKENS,
+        repeats=args.repeats or bench.model.DEFAULT_REPEATS,
+        seed=args.seed,
+        device=None if args.device is None else mx.Device(getattr(mx, args.device)),
+    )
+    name = models[0] if models else bench.model.DEFAULT_MODEL
+    try:
+        plan = bench.plan_model_bench(name, **options)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    report = bench.run_model_bench(name, progress=args.progress, **options)
+    layers = plan.config.get("num_hidden_layers", plan.config.get("text_config", {}).get("num_hidden_layers"))
+    source = "checkpoint" if plan.checkpoint else "random weights"
+    layers_text = f"{layers} layer{'' if layers == 1 else 's'}"
+    print(f"mlx-moe bench --mode model: {report.model} ({layers_text}, {source}), prompt "
+          f"{report.prompt_tokens} tokens, decode {report.decode_tokens} tokens, on "
+          f"{report.machine['device']} ({report.machine['platform']}, mlx "
+          f"{report.machine['mlx_version']}), {report.wall_time_s:.0f} s")
+    print(report.format_table())
+    if args.json:
+        report.write_json(args.json)
+        print(f"wrote {args.json}")
+    return EXIT_OK
+
+
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.mode == MODEL_MODE:
+        return _run_model_bench(args, parser)
+    given = [flag for dest, flag in _MODEL_ONLY_OPTIONS.items() if getattr(args, dest) is not None]
+    if given:
+        parser.error(f"{', '.join(given)}: only used by --mode model")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         parser.error(
             "--plot needs matplotlib, which is not installed: "

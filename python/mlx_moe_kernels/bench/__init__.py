@@ -33,12 +33,15 @@ This module re-exports what the command line, the tests and
 ``benchmarks/`` use; everything else is in the submodules.
 """
 
+from mlx_moe_kernels.bench import model
 from mlx_moe_kernels.bench.baselines import (
     grouped_reference_gather_mm,
     grouped_reference_gather_qmm,
     grouped_reference_switch_glu,
     stock_switch_glu,
 )
+from mlx_moe_kernels.bench.model import ModelBenchPlan, plan_model_bench, run_model_bench
+from mlx_moe_kernels.bench.model_results import FormatResult, ModelBenchReport, PartResult
 from mlx_moe_kernels.bench.modes import (
     DEFAULT_MODE,
     MODES,
@@ -94,4 +97,7 @@ __all__ = [
     "machine_info", "format_table", "plot_speedups",
     # running
     "BenchGrid", "plan_grid", "run",
+    # the model mode
+    "model", "ModelBenchPlan", "plan_model_bench", "run_model_bench", "ModelBenchReport",
+    "FormatResult", "PartResult",
 ]

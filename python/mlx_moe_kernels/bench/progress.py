@@ -49,13 +49,13 @@ class TextProgress:
         self.stream.flush()
 
 
-def make_progress(total: int, enabled: bool = True):
-    """A progress bar over ``total`` steps: tqdm's if installed, else
-    :class:`TextProgress`; ``None`` when disabled."""
+def make_progress(total: int, enabled: bool = True, unit: str = "cell"):
+    """A progress bar over ``total`` steps (each a ``unit``): tqdm's if
+    installed, else :class:`TextProgress`; ``None`` when disabled."""
     if not enabled:
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return TextProgress(total)
-    return tqdm(total=total, unit="cell", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, leave=False, dynamic_ncols=True)

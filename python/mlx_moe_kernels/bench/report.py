@@ -1,12 +1,13 @@
-"""Presenting a run: the plain-text table of ``mlx-moe bench`` and the
-number formats it uses (shared with the model mode's table).
+"""Presenting a run: the plain-text tables of ``mlx-moe bench`` (the cell
+modes' and the model mode's) and the number formats they use.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
-if TYPE_CHECKING:  # the table reads CellResult's fields only
+if TYPE_CHECKING:  # the tables read the results' fields only
+    from mlx_moe_kernels.bench.model_results import ModelBenchReport
     from mlx_moe_kernels.bench.results import CellResult
 
 _STATUS_MARKS = {
@@ -124,3 +125,47 @@ def format_table(cells: Sequence[CellResult]) -> str:
     for mark, name, note in notes:
         out.append(f"{mark} ({name}): {note}")
     return "\n".join(out)
+
+
+def format_model_table(report: ModelBenchReport) -> str:
+    """A model-mode run as a table of the parts of a decode step (rows per
+    format: each part, the rest, the whole step; median ms, share of the
+    step, MB read per step, GB/s), then one summary line per format
+    (prefill and decode tokens/s, the step's bytes and GB/s against the
+    read-bandwidth probe) and footnotes."""
+    rows = []
+    for result in report.formats:
+        step = result.step_s
+
+        def row(part: str, seconds: float, n_bytes: float, rate: Optional[float]) -> List[str]:
+            return [result.format, part, format_ms(seconds), f"{100 * seconds / step:.0f}%",
+                    format_rate(n_bytes / 1e6), format_rate(rate)]
+
+        rows += [row(p.name, p.median_s, p.bytes_read, p.gb_per_s) for p in result.parts]
+        rows.append(row("rest", result.rest_s, result.rest_bytes, None))
+        rows.append(row("decode step", step, result.step_bytes, result.step_gb_per_s))
+    out = aligned_lines(["format", "part", "ms", "of step", "MB", "GB/s"], rows, left_aligned={0, 1})
+    out.append("")
+    for result in report.formats:
+        out.append(
+            f"{result.format}: {format_rate(result.weight_bytes / 1e9)} GB of weights; "
+            f"prefill {result.prefill_tokens} tokens: {format_rate(result.prefill_tokens_per_s)} tok/s; "
+            f"decode {result.decode_tokens} tokens: {format_rate(result.decode_tokens_per_s)} tok/s; "
+            f"a step reads {format_rate(result.step_bytes / 1e6)} MB in {format_ms(result.step_s)} ms: "
+            f"{format_rate(result.step_gb_per_s)} GB/s, {100 * result.bandwidth_share:.0f}% of the "
+            f"{format_rate(result.read_gb_per_s)} GB/s read probe"
+        )
+    out.append("")
+    contexts = sorted({r.context_positions for r in report.formats})
+    out.append(
+        "parts: median ms of calls on saved one-token inputs, all layers per call, cache-cold "
+        "(caches evicted before each call; experts on disjoint expert sets), "
+        f"at {', '.join(map(str, contexts))} cached positions; MB: bytes a part must read per step "
+        "(experts: k/E of the expert weights; attention: norms and KV cache)"
+    )
+    out.append(
+        "decode step: median step of the decode runs; rest = step - parts (embedding, residuals, "
+        "argmax, graph building; negative when the separately evaluated parts add up to more)"
+    )
+    return "\n".join(out)
+

@@ -14,15 +14,24 @@ How one cell is measured (:func:`measure_cell`):
    unless a fixed count is asked for; medians are reported. A workload may
    mark an implementation single-call (:attr:`Workload.single_call`: no
    warm-up besides the check, one timed call) or leave stock out.
+
+The machine probes, used by the model mode: :func:`read_bandwidth` (threads
+streaming a large array: the reference a fraction of bandwidth is quoted
+against, DESIGN.md "Benchmark method") and :class:`CacheEvictor` (reads a
+buffer larger than the last-level cache, so the next timed call starts
+cold).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_moe_kernels.bench.results import CellResult, ImplementationTiming
 from mlx_moe_kernels.bench.shapes import TOLERANCES
@@ -186,3 +195,71 @@ def measure_cell(
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+# ---------------------------------------------------------------------------
+# Machine probes
+# ---------------------------------------------------------------------------
+
+READ_PROBE_BYTES = 512 * 2**20
+"""Size of the array :func:`read_bandwidth` streams: far above any cache."""
+
+READ_PROBE_PASSES = 3
+"""Passes of :func:`read_bandwidth`; the best one counts (other tenants of
+the machine only ever slow a pass down)."""
+
+EVICT_BYTES = 64 * 2**20
+"""Bytes :class:`CacheEvictor` reads between two timed calls: twice the
+32 MB L3 of the CPU machines here (DESIGN.md), so no weight a timed call
+reads is still cached from the call before."""
+
+
+def kernel_threads() -> int:
+    """The threads our CPU kernels use: ``MLX_MOE_NUM_THREADS`` if set, else
+    every core this process may run on (what the kernels' pool starts)."""
+    configured = os.environ.get("MLX_MOE_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def read_bandwidth(
+    buffer: np.ndarray, threads: Optional[int] = None, passes: int = READ_PROBE_PASSES
+) -> float:
+    """Read bandwidth in GB/s: the best of ``passes`` passes in which
+    ``threads`` threads (default :func:`kernel_threads`: two on the 2-core
+    machines here) each sum one slice of ``buffer`` (NumPy releases the GIL
+    in the sum). ``buffer`` should be far larger than the caches
+    (:data:`READ_PROBE_BYTES`) and already written (its pages mapped).
+    The same probe as ``benchmarks/vs_ggml.py``'s."""
+    parts = np.array_split(buffer.reshape(-1), threads or kernel_threads())
+    best = 0.0
+    for _ in range(passes):
+        workers = [
+            threading.Thread(target=np.sum, args=(part,), kwargs={"dtype": part.dtype})
+            for part in parts
+        ]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = max(best, buffer.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+class CacheEvictor:
+    """Reads a buffer of ``nbytes`` (default :data:`EVICT_BYTES`) on each
+    :meth:`evict`, pushing whatever a timed call read before out of the
+    caches; call it outside the timed region."""
+
+    def __init__(self, nbytes: int = EVICT_BYTES) -> None:
+        self.buffer = np.ones(max(1, nbytes // 4), dtype=np.float32)
+
+    def evict(self) -> None:
+        """Read the whole buffer once."""
+        float(np.sum(self.buffer))
+
