@@ -141,6 +141,18 @@ NB_MODULE(_ext, m) {
       "x @ W.T for an mx.quantize triple, as nn.QuantizedLinear (see mlx_moe_kernels.quantized_linear).");
 
   m.def(
+      "scaled_dot_product_attention",
+      &mlx_moe::scaled_dot_product_attention,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      nb::kw_only(),
+      "scale"_a,
+      "mask"_a = "",
+      "stream"_a = nb::none(),
+      "Attention as mx.fast.scaled_dot_product_attention (see mlx_moe_kernels.scaled_dot_product_attention).");
+
+  m.def(
       "switch_glu",
       &mlx_moe::switch_glu,
       "x"_a,

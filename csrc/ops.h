@@ -83,6 +83,19 @@ mx::array quantized_linear(
     const std::string& mode = "affine",
     mx::StreamOrDevice s = {});
 
+// softmax(scale * q k^T [+ causal mask]) v, mx.fast.scaled_dot_product_attention's
+// semantics for mask "" (none) or "causal" (aligned to the last key): q [B,
+// Hq, L, d], k [B, Hkv, S, d], v [B, Hkv, S, dv], one float dtype, Hq a
+// multiple of Hkv (grouped-query attention). On the CPU our kernel
+// (cpu/attention_kernels.h); elsewhere MLX's. Differentiable.
+mx::array scaled_dot_product_attention(
+    mx::array q, mx::array k, mx::array v, float scale, const std::string& mask = "", mx::StreamOrDevice s = {});
+
+// The same in plain MLX ops, computed in float32 (the gradient of the
+// primitive, and a readable statement of what the kernel computes).
+mx::array attention_reference(
+    const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal, mx::StreamOrDevice s = {});
+
 // One mx.quantize triple: packed codes, scales and (affine) biases.
 struct QuantizedWeight {
   mx::array weight;

@@ -3,6 +3,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "mlx/transforms.h"
 #include "ops.h"
 
 namespace mlx_moe {
@@ -381,5 +382,42 @@ std::vector<mx::array> GatherQMM::vjp(
   return grads;
 }
 
+
+} // namespace mlx_moe
+
+// ------------------------------------------------------------ Attention
+namespace mlx_moe {
+
+std::vector<mx::Shape> Attention::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[2].shape(-1);
+  return {shape};
+}
+
+bool Attention::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const Attention&>(other);
+  return scale_ == o.scale_ && causal_ == o.causal_;
+}
+
+// Gradients of the plain-MLX composition (attention_reference): training
+// through attention is rare on the CPU, and the composition's vjp is exact.
+std::vector<mx::array> Attention::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  const auto s = stream();
+  const float scale = scale_;
+  const bool causal = causal_;
+  auto composition = [=](const std::vector<mx::array>& in) {
+    return std::vector<mx::array>{attention_reference(in[0], in[1], in[2], scale, causal, s)};
+  };
+  auto grads = mx::vjp(composition, primals, cotangents).second;
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    out.push_back(grads[arg]);
+  }
+  return out;
+}
 
 } // namespace mlx_moe

@@ -198,4 +198,31 @@ class GatherQMM : public mx::UnaryPrimitive {
   bool lhs_is_identity_;
 };
 
+// Scaled dot-product attention (mx.fast.scaled_dot_product_attention's
+// product for no mask or the "causal" one): inputs q [B, Hq, L, d], k [B,
+// Hkv, S, d], v [B, Hkv, S, dv] of one float dtype, Hq a multiple of Hkv;
+// output [B, Hq, L, dv]. The gradient is that of the plain-MLX composition.
+class Attention : public mx::UnaryPrimitive {
+ public:
+  Attention(mx::Stream stream, float scale, bool causal)
+      : mx::UnaryPrimitive(stream), scale_(scale), causal_(causal) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override {
+    return "MoeAttention";
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+};
+
 } // namespace mlx_moe

@@ -6,6 +6,7 @@
 // supports at run time.
 #pragma once
 
+#include "cpu/attention_problem.h"
 #include "cpu/gather_mm_problem.h"
 #include "cpu/gather_qmm_problem.h"
 #include "cpu/switch_glu_problem.h"
@@ -18,6 +19,7 @@ struct CpuKernels {
   void (*gate_up_task)(const SwitchGluProblem&, const GateUpTask&);
   void (*down_task)(const SwitchGluProblem&, const DownTask&);
   void (*gather_qmm_task)(const GatherQMMProblem&, const GatherMMTask&);
+  void (*attention_task)(const AttentionProblem&, const AttentionTask&);
 };
 
 const CpuKernels& kernels_portable();

@@ -4,6 +4,7 @@
 // build, except that bfloat16 x bfloat16 dot products run on VDPBF16PS
 // (dot_bf16_avx512.h).
 #define MLX_MOE_DOT_BF16 1
+#include "cpu/attention_kernels.h"
 #include "cpu/gather_mm_kernels.h"
 #include "cpu/gather_qmm_kernels.h"
 #include "cpu/kernels.h"
@@ -12,7 +13,7 @@
 namespace mlx_moe::cpu {
 
 const CpuKernels& kernels_avx512() {
-  static const CpuKernels table{"avx512", &run_task, &gate_up_task, &down_task, &gather_qmm_task};
+  static const CpuKernels table{"avx512", &run_task, &gate_up_task, &down_task, &gather_qmm_task, &attention_task};
   return table;
 }
 

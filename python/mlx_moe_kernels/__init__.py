@@ -7,7 +7,8 @@ The public API:
   weights), ``switch_glu`` (a fused SwitchGLU with the
   optional score-weighted combine), ``route`` (token slots grouped by
   expert), and the dense projections ``linear`` / ``quantized_linear``
-  (``x @ W.T`` on the same kernels over a single matrix);
+  (``x @ W.T`` on the same kernels over a single matrix), and
+  ``scaled_dot_product_attention`` (a flash-style CPU attention kernel);
 * ``dense``: ``Linear``, ``QuantizedLinear``, ``Embedding``,
   ``QuantizedEmbedding``, MLX's layers computing on those ops (our models
   use them for the attention, router, shared expert and lm_head);
@@ -26,7 +27,15 @@ The public API:
   (Linux), which decode reads faster (see :mod:`mlx_moe_kernels.memory`).
 """
 
-from mlx_moe_kernels.ops import gather_mm, gather_qmm, linear, quantized_linear, route, switch_glu
+from mlx_moe_kernels.ops import (
+    gather_mm,
+    gather_qmm,
+    linear,
+    quantized_linear,
+    route,
+    scaled_dot_product_attention,
+    switch_glu,
+)
 from mlx_moe_kernels import dense
 from mlx_moe_kernels.layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU, SwitchLinear, SwitchMLP
 from mlx_moe_kernels.patch import patch, unpatch
@@ -43,6 +52,7 @@ __all__ = [
     "route",
     "linear",
     "quantized_linear",
+    "scaled_dot_product_attention",
     "dense",
     "SwiGLU",
     "SwitchLinear",

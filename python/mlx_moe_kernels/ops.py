@@ -217,6 +217,48 @@ def quantized_linear(
     return out if bias is None else mx.add(out, bias, stream=stream)
 
 
+def scaled_dot_product_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    *,
+    scale: float,
+    mask: Union[None, str, mx.array] = None,
+    stream: StreamOrDevice = None,
+) -> mx.array:
+    """Attention as ``mx.fast.scaled_dot_product_attention``:
+    ``softmax(scale * q @ k.T + mask) @ v`` per head, with grouped-query
+    attention (each key/value head serves ``Hq / Hkv`` query heads).
+
+    On the CPU, with no mask or ``"causal"``, this is our kernel: every
+    query head of a key/value head goes through the keys a block at a time
+    with an online softmax (flash-attention's scheme), so the keys and
+    values (a KV cache) are read once per step and no ``[L, S]`` score
+    matrix is written. Array masks, and other devices, use MLX's.
+
+    Args:
+        q: Queries ``[B, Hq, L, d]``.
+        k: Keys ``[B, Hkv, S, d]`` (any strides with a contiguous last
+            axis are read in place, e.g. a slice of a preallocated cache).
+        v: Values ``[B, Hkv, S, dv]``.
+        scale: Multiplies the scores (usually ``d ** -0.5``).
+        mask: ``None``, ``"causal"`` (query ``i`` sees keys up to
+            ``S - L + i``, as MLX aligns it) or an additive/boolean array.
+        stream: Stream or device.
+
+    Returns:
+        ``[B, Hq, L, dv]`` in the inputs' dtype (float32, float16 or
+        bfloat16), with float32 scores and accumulation.
+
+    Raises:
+        ValueError: For shapes that do not fit together, mixed or
+            unsupported dtypes, or an unknown mask string.
+    """
+    if isinstance(mask, mx.array):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, stream=stream)
+    return _ext.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask or "", stream=stream)
+
+
 def switch_glu(
     x: mx.array,
     gate_weight: Union[None, mx.array, QuantizedWeight],

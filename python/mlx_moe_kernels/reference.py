@@ -216,6 +216,24 @@ def quantized_linear(
     return out if bias is None else out + bias
 
 
+def scaled_dot_product_attention(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: Optional[str] = None, stream=None
+) -> mx.array:
+    """Reference attention in float32 MLX ops: key/value heads repeated for
+    their query heads, ``softmax(scale * q @ k.T)`` (``"causal"``: query
+    ``i`` sees keys ``j <= S - L + i``) times ``v``, cast to ``q``'s dtype."""
+    groups = q.shape[1] // k.shape[1]
+    keys = mx.repeat(k, groups, axis=1).astype(mx.float32)
+    values = mx.repeat(v, groups, axis=1).astype(mx.float32)
+    scores = (q.astype(mx.float32) @ keys.swapaxes(-1, -2)) * scale
+    if mask == "causal":
+        L, S = q.shape[2], k.shape[2]
+        visible = (mx.arange(L)[:, None] + (S - L)) >= mx.arange(S)[None, :]
+        scores = mx.where(visible, scores, -float("inf"))
+    weights = mx.softmax(scores, axis=-1)
+    return (weights @ values).astype(q.dtype)
+
+
 def _quantized_switch_glu(x, gate, up, down, indices, scores, *, group_size, bits, mode, stream):
     """``switch_glu`` on quantized ``(weight, scales, biases)`` projections."""
     rows = mx.expand_dims(x, (-2, -3))

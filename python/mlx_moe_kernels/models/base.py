@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_moe_kernels import reference
+from mlx_moe_kernels import ops, reference
 from mlx_moe_kernels.dense import Linear
 from mlx_moe_kernels.layers import QuantizedSwitchLinear, SwitchGLU
 
@@ -194,7 +194,8 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        # Our CPU attention kernel (MLX's on other devices).
+        out = ops.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

@@ -1,0 +1,16 @@
+// eval_gpu of the primitives that have no GPU kernel in any build: their ops
+// send GPU streams to MLX's own operations (mx.fast attention, MLX's
+// matmuls), so these are never reached.
+#include <stdexcept>
+
+#include "primitives.h"
+
+namespace mlx_moe {
+
+void Attention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "[scaled_dot_product_attention] no GPU kernel: the op should have used "
+      "mx.fast.scaled_dot_product_attention on this stream.");
+}
+
+} // namespace mlx_moe
