@@ -16,8 +16,8 @@ namespace {
 std::string shape_of(const mx::array& a) {
   std::ostringstream out;
   out << "(";
-  for (int i = 0; i < a.ndim(); ++i) {
-    out << (i ? ", " : "") << a.shape(i);
+  for (size_t i = 0; i < a.ndim(); ++i) {
+    out << (i ? ", " : "") << a.shape(static_cast<int>(i));
   }
   out << ")";
   return out.str();

@@ -32,7 +32,7 @@ std::string shape_string(const mx::Shape& shape) {
 // one: [..., K] -> [1, rows, K] (a view when x is row-contiguous).
 mx::array as_single_batch(const mx::array& x, const mx::Stream& stream) {
   int rows = 1;
-  for (int d = 0; d + 1 < x.ndim(); ++d) {
+  for (int d = 0; d + 1 < static_cast<int>(x.ndim()); ++d) {
     rows *= x.shape(d);
   }
   return mx::reshape(x, {1, rows, x.shape(-1)}, stream);

@@ -54,7 +54,7 @@ def test_portable_build_native(tmp_path):
     if compiler is None:
         pytest.skip("no C++ compiler")
     out = build_and_run(compiler, tmp_path / "check", [])
-    assert "16 passed, 0 failed" in out
+    assert "19 passed, 0 failed" in out
 
 
 def test_portable_build_arm64_neon(tmp_path):
@@ -63,4 +63,4 @@ def test_portable_build_arm64_neon(tmp_path):
     if compiler is None or emulator is None:
         pytest.skip("no arm64 cross compiler or qemu-aarch64")
     out = build_and_run(compiler, tmp_path / "check", [emulator, "-L", "/usr/aarch64-linux-gnu"])
-    assert "16 passed, 0 failed" in out
+    assert "19 passed, 0 failed" in out

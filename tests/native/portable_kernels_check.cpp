@@ -3,6 +3,7 @@
 // architecture (arm64: the NEON branch of simd.h) and run under an emulator
 // by tests/test_portable_native.py. Prints "N passed, M failed" and exits
 // non-zero on a failure.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -323,6 +324,80 @@ void check_gather_qmm(int bits, int group, bool mxfp4, int K, int N, int E, int 
   report(name, worst, tol);
 }
 
+// Attention: q [1, Hq, L, d], k and v [1, Hkv, S, d] contiguous, causal or
+// not, every task of the kernel run in turn; error relative to the values'
+// largest magnitude (the output is a convex combination of value rows).
+template <typename T>
+void check_attention(int Hq, int Hkv, int L, int S, int d, bool causal, ElementType type, double tol,
+                     const char* name) {
+  std::mt19937 rng(Hq * 17 + L * 5 + S + d);
+  std::normal_distribution<float> normal;
+  std::vector<T> q(size_t(Hq) * L * d), k(size_t(Hkv) * S * d), v(size_t(Hkv) * S * d), out(size_t(Hq) * L * d);
+  for (auto* a : {&q, &k, &v}) {
+    for (auto& e : *a) {
+      e = Store<T>::from(normal(rng));
+    }
+  }
+  AttentionProblem p;
+  p.dtype = type;
+  p.batch = 1;
+  p.q_heads = Hq;
+  p.kv_heads = Hkv;
+  p.q_len = L;
+  p.kv_len = S;
+  p.head_dim = d;
+  p.value_dim = d;
+  p.scale = 1.0f / std::sqrt(float(d));
+  p.causal = causal;
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  p.out = out.data();
+  const int64_t qs[3] = {int64_t(Hq) * L * d, int64_t(L) * d, d};
+  const int64_t ks[3] = {int64_t(Hkv) * S * d, int64_t(S) * d, d};
+  std::copy(qs, qs + 3, p.q_strides);
+  std::copy(ks, ks + 3, p.k_strides);
+  std::copy(ks, ks + 3, p.v_strides);
+  for (int h = 0; h < Hkv; ++h) {
+    for (int i = 0; i < L; i += 3) {
+      kernels_portable().attention_task(p, {0, h, i, std::min(L, i + 3)});
+    }
+  }
+  double worst = 0, magnitude = 0;
+  const int G = Hq / Hkv;
+  for (const auto& e : v) {
+    magnitude = std::max(magnitude, std::fabs(double(Store<T>::to(e))));
+  }
+  for (int h = 0; h < Hq; ++h) {
+    const int kv = h / G;
+    for (int i = 0; i < L; ++i) {
+      const int keys = causal ? S - L + i + 1 : S;
+      std::vector<double> w(keys);
+      double top = -1e300, sum = 0;
+      for (int j = 0; j < keys; ++j) {
+        double s = 0;
+        for (int c = 0; c < d; ++c) {
+          s += double(Store<T>::to(q[(size_t(h) * L + i) * d + c])) * Store<T>::to(k[(size_t(kv) * S + j) * d + c]);
+        }
+        w[j] = s * p.scale;
+        top = std::max(top, w[j]);
+      }
+      for (auto& x : w) {
+        x = std::exp(x - top);
+        sum += x;
+      }
+      for (int c = 0; c < d; ++c) {
+        double o = 0;
+        for (int j = 0; j < keys; ++j) {
+          o += w[j] / sum * Store<T>::to(v[(size_t(kv) * S + j) * d + c]);
+        }
+        worst = std::max(worst, std::fabs(double(Store<T>::to(out[(size_t(h) * L + i) * d + c])) - o));
+      }
+    }
+  }
+  report(name, worst / magnitude, tol);
+}
+
 int main() {
   // Shapes off every tile multiple (K tails, ragged columns and rows).
   for (bool kc : {true, false}) {
@@ -340,6 +415,11 @@ int main() {
   check_gather_qmm<BF16>(8, 128, false, 256, 19, 3, 4, ElementType::bfloat16, 1e-2, "gather_qmm bf16 8-bit direct");
   check_gather_qmm<F16>(4, 32, true, 64, 33, 4, 6, ElementType::float16, 2e-3, "gather_qmm f16 mxfp4 direct");
   check_gather_qmm<BF16>(2, 32, false, 64, 40, 2, 17, ElementType::bfloat16, 1e-2, "gather_qmm bf16 2-bit blocks");
+  // Attention: decode over several key blocks, causal prefill, head sizes
+  // off the SIMD widths.
+  check_attention<float>(4, 2, 1, 300, 40, false, ElementType::float32, 1e-5, "attention f32 decode");
+  check_attention<F16>(2, 2, 7, 140, 16, true, ElementType::float16, 2e-3, "attention f16 causal");
+  check_attention<BF16>(6, 3, 5, 9, 36, true, ElementType::bfloat16, 1e-2, "attention bf16 causal");
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
