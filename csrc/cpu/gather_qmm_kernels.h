@@ -20,6 +20,7 @@
 #if defined(MLX_MOE_DOT_BF16)
 #include "cpu/quantized_dot_avx512.h"
 #endif
+#include "cpu/quantized_dot_avx2.h"
 
 namespace mlx_moe::cpu {
 namespace {
@@ -32,6 +33,10 @@ namespace {
 // paying sooner).
 constexpr int64_t kDirectRowLimit = 16;
 constexpr int64_t kGenericDirectRowLimit = 6;
+// The AVX2 integer kernel (quantized_dot_avx2.h) unpacks 32 codes in 3
+// instructions and pays ~4 per extra row, so it stays ahead of
+// dequantizing a little longer than the generic one.
+constexpr int64_t kInt16DirectRowLimit = 8;
 
 // The direct few-rows kernels: true when one ran (the AVX-512 BF16 one
 // where it applies, else the generic one), false when the caller must
@@ -60,6 +65,14 @@ bool direct_quantized_dot(
   }
 #endif
   (void)following, (void)following_count;
+#if defined(MLX_MOE_SIMD_AVX2)
+  if constexpr (!std::is_same_v<T, float>) {
+    if (num_rows <= kInt16DirectRowLimit && int16_direct_supports(q)) {
+      int16_direct_dot<T>(q, w, columns, x_rows, x_col_stride, num_rows, K, acc, ldacc);
+      return true;
+    }
+  }
+#endif
   if (num_rows <= kGenericDirectRowLimit) {
     generic_direct_dot<T>(q, w, columns, x_rows, x_col_stride, num_rows, K, acc, ldacc);
     return true;
