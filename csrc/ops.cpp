@@ -161,13 +161,13 @@ std::vector<mx::array> make_routing(const mx::array& ids, int num_experts, const
       {ids});
 }
 
-// On a GPU an out-of-range expert id cannot raise (the graph is evaluated
-// asynchronously); the routing is then empty and its status 1: make the
-// outputs NaN rather than plausible numbers. The CPU raises instead.
+// An out-of-range expert id known only when the graph runs cannot raise:
+// a GPU evaluates asynchronously, and on the CPU an exception thrown from a
+// task (MLX's only error channel there) leaks MLX's in-flight task count,
+// so that after some repeats `eval` hangs. The routing is then empty and its
+// status 1: make the outputs NaN rather than plausible numbers. (Ids
+// already evaluated at the call raise there.)
 mx::array poison_on_bad_routing(const mx::array& out, const mx::array& status, const mx::Stream& stream) {
-  if (stream.device == mx::Device::cpu) {
-    return out;
-  }
   auto ok = mx::equal(status, mx::array(0u, mx::uint32), stream);
   return mx::where(ok, out, mx::array(std::numeric_limits<float>::quiet_NaN(), out.dtype()), stream);
 }
@@ -609,16 +609,21 @@ std::pair<mx::array, mx::array> route(mx::array indices, int num_experts, mx::St
   if (num_experts <= 0) {
     throw std::invalid_argument("[route] num_experts must be positive.");
   }
-  // Always on the CPU: a sort of T * k integers, and there a bad id raises
-  // (the GPU's routing kernel runs inside switch_glu only). Apple silicon's
-  // unified memory (and CUDA's managed memory) needs no copies for it.
+  // Always on the CPU: a sort of T * k integers (the GPU's routing kernel
+  // runs inside switch_glu only). Apple silicon's unified memory (and
+  // CUDA's managed memory) needs no copies for it.
   if (stream.device != mx::Device::cpu) {
     stream = mx::default_stream(mx::Device::cpu);
   }
   auto idx = checked_uint32_indices(indices, num_experts, "route", "indices", stream);
   idx = mx::flatten(idx, stream);
   auto outputs = make_routing(idx, num_experts, "route", stream);
-  return {outputs[0], outputs[1]};
+  // A lazily computed id out of range cannot raise during evaluation (see
+  // poison_on_bad_routing): every offset is then 0xFFFFFFFF, a range no
+  // caller can mistake for a routing.
+  auto ok = mx::equal(outputs[3], mx::array(0u, mx::uint32), stream);
+  auto offsets = mx::where(ok, outputs[1], mx::array(0xFFFFFFFFu, mx::uint32), stream);
+  return {outputs[0], offsets};
 }
 
 mx::array switch_glu(

@@ -269,9 +269,12 @@ def test_index_out_of_range(affine4):
     x = rand((1, 1, 64))
     with pytest.raises(IndexError, match="rhs_indices"):
         mk.gather_qmm(x, q, s, b, rhs_indices=indices([4]))
-    lazy = indices([2]) + 2  # not evaluated at the call
-    with pytest.raises(RuntimeError, match="rhs_indices"):
-        mx.eval(mk.gather_qmm(x, q, s, b, rhs_indices=lazy))
+    lazy = indices([2, 1]) + indices([2, 0])  # [4, 1], not evaluated at the call
+    out = np.array(mk.gather_qmm(mx.concatenate([x, x]), q, s, b, rhs_indices=lazy))
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+    for dtype in (mx.float16, mx.bfloat16):
+        half = mk.gather_qmm(x.astype(dtype), q, s.astype(dtype), b.astype(dtype), rhs_indices=indices([3]) + 1)
+        assert half.dtype == dtype and np.isnan(np.array(half.astype(mx.float32))).all()
 
 
 # ------------------------------------------------------ quantized switch_glu

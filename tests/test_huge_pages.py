@@ -105,3 +105,56 @@ def test_views_advise_their_whole_buffer():
     assert np.array_equal(np.array(view), before)
     # One buffer behind several arrays is advised and counted once.
     assert _ext._advise_huge_pages([a, view, a[1:]]) == _ext._advise_huge_pages([a])
+
+
+# ------------------------------------------- huge pages from the first write
+def test_huge_page_malloc_environment():
+    """The environment `mlx-moe` re-executes itself with: the glibc tunable
+    added to any others, nothing when it is set already or opted out."""
+    from mlx_moe_kernels import memory
+
+    if not sys.platform.startswith("linux") or memory._glibc_version() < (2, 35):
+        assert memory.huge_page_malloc_environment({}) is None
+        return
+    env = memory.huge_page_malloc_environment({"PATH": "/bin"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and env["PATH"] == "/bin"
+    other = memory.huge_page_malloc_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert other["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert memory.huge_page_malloc_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+    assert memory.huge_page_malloc_environment({"MLX_MOE_HUGE_PAGES": "0"}) is None
+
+
+_HUGE_MALLOC_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import mlx.core as mx
+from test_huge_pages import _address, _anon_huge_bytes
+a = mx.random.normal((32, 1024, 1024))  # 128 MiB, allocated and written by MLX
+mx.eval(a)
+begin = _address(a)
+print(_anon_huge_bytes(begin, begin + a.nbytes))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunable, Linux only")
+def test_mlx_arrays_in_huge_pages_with_the_tunable():
+    """With the tunable, an array MLX allocates and writes is (mostly) in
+    transparent huge pages without any collapse pass."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from mlx_moe_kernels import memory
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are disabled")
+    env = memory.huge_page_malloc_environment(dict(os.environ, MLX_MOE_HUGE_PAGES="1"))
+    if env is None:
+        pytest.skip("glibc without the hugetlb tunable, or it is already set")
+    script = _HUGE_MALLOC_SCRIPT.format(tests=str(Path(__file__).parent))
+    run = lambda e: int(subprocess.run([sys.executable, "-c", script], env=e, capture_output=True,
+                                       text=True, check=True).stdout.split()[-1])
+    with_tunable = run(env)
+    # Most of 128 MiB (the kernel may lack free huge pages for a few).
+    assert with_tunable >= 64 << 20, with_tunable

@@ -450,7 +450,7 @@ def test_out_of_range_evaluated_raises_at_call(value, index_dtype):
 
 # Evaluating switch_glu with lazily computed out-of-range indices, many
 # times, with varied values, index dtypes and scores: every evaluation must
-# raise, and the stream must keep working. Run in a subprocess, since a
+# give NaN, and the stream must keep working. Run in a subprocess, since a
 # failure of this kind is a crash or a hang rather than an exception.
 _LAZY_OUT_OF_RANGE_SCRIPT = textwrap.dedent(
     """
@@ -472,12 +472,7 @@ _LAZY_OUT_OF_RANGE_SCRIPT = textwrap.dedent(
         bad[3, 1] = value
         lazy = mx.array(bad).astype(dtype) + 0
         out = m.switch_glu(x, gate, up, down, lazy, scores if repeat % 2 else None)
-        try:
-            mx.eval(out)
-        except RuntimeError as error:
-            assert "[switch_glu] indices" in str(error) and "outside [0, 4)" in str(error), error
-        else:
-            raise AssertionError(f"no error for index {{value}} ({{dtype}})")
+        assert np.isnan(np.array(out)).all(), f"not NaN for index {{value}} ({{dtype}})"
         ok = m.switch_glu(x, gate, up, down, good, scores)
         assert mx.allclose(ok, expected, rtol=1e-4, atol=1e-4).item()
     print("OK")
@@ -485,20 +480,16 @@ _LAZY_OUT_OF_RANGE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_out_of_range_lazy_raises_at_eval(build):
-    """Lazily computed indices are checked by the kernel: evaluating raises
-    a RuntimeError naming them (never reads out of bounds), every time, and
-    the stream keeps working afterwards.
-
-    Known bug, not fixed: at 200 repetitions the process hung in about 1 run
-    of 40 (an exception thrown from a CPU task, MLX's only error channel
-    there; suspected: MLX's in-flight task count or the stream's stored error
-    not being released on some batch boundaries). 40 repetitions keep the
-    error path and the recovery exercised without making CI a lottery."""
-    script = _LAZY_OUT_OF_RANGE_SCRIPT.format(repeats=40)
+def test_out_of_range_lazy_gives_nan(build):
+    """Lazily computed indices are checked by the kernel: evaluating gives a
+    NaN output (never an out-of-bounds read, no exception from the CPU
+    task), 200 times in one process, and the stream keeps working. (When
+    the CPU task raised instead, this hung about 1 run in 40: every
+    exception from a task leaks MLX's in-flight task count.)"""
+    script = _LAZY_OUT_OF_RANGE_SCRIPT.format(repeats=200)
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=10, env=os.environ.copy()
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=os.environ.copy()
         )
     except subprocess.TimeoutExpired:
         pytest.fail("hung evaluating switch_glu with out-of-range lazy indices")
@@ -577,6 +568,5 @@ def test_route_bad_inputs(build):
         route(mx.array([0.0, 1.0]), 4)
     with pytest.raises(IndexError, match=r"\[route\] indices holds 4\b"):
         route(indices([0, 4]), 4)
-    order, offsets = route(indices([0, 4]) + 0, 4)
-    with pytest.raises(RuntimeError, match=r"indices.*outside \[0, 4\)"):
-        mx.eval(order, offsets)
+    order, offsets = route(indices([0, 4]) + 0, 4)  # lazy: no exception during eval
+    assert np.all(np.array(offsets) == 0xFFFFFFFF)

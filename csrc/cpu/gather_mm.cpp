@@ -47,6 +47,7 @@ struct GatherMMArguments {
   mx::Strides rhs_strides;
   int64_t num_pairs;
   void* out;
+  mx::Dtype out_dtype;
 };
 
 void run_gather_mm(const GatherMMArguments& args) {
@@ -67,12 +68,13 @@ void run_gather_mm(const GatherMMArguments& args) {
     b_batch *= args.b_shape[d];
   }
 
-  std::vector<uint32_t> lhs = read_indices(
-      args.lhs, args.lhs_shape, args.lhs_strides, args.num_pairs, a_batch, "[gather_mm] lhs_indices",
-      "the number of matrices it indexes");
-  std::vector<uint32_t> rhs = read_indices(
-      args.rhs, args.rhs_shape, args.rhs_strides, args.num_pairs, b_batch, "[gather_mm] rhs_indices",
-      "the number of matrices it indexes");
+  // Pairs with an index out of range compute with index 0 (never an
+  // out-of-bounds read) and get NaN rows at the end.
+  std::vector<int64_t> bad_pairs;
+  std::vector<uint32_t> lhs =
+      read_indices(args.lhs, args.lhs_shape, args.lhs_strides, args.num_pairs, a_batch, bad_pairs);
+  std::vector<uint32_t> rhs =
+      read_indices(args.rhs, args.rhs_shape, args.rhs_strides, args.num_pairs, b_batch, bad_pairs);
   std::vector<int64_t> a_offsets(args.num_pairs);
   std::vector<int64_t> b_offsets(args.num_pairs);
   for (int64_t p = 0; p < args.num_pairs; ++p) {
@@ -106,7 +108,9 @@ void run_gather_mm(const GatherMMArguments& args) {
   pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
     kernel(problem, tasks[i]);
   });
-
+  for (int64_t p : bad_pairs) {
+    fill_nan(static_cast<char*>(args.out) + p * M * N * mx::size_of(args.out_dtype), M * N, args.out_dtype);
+  }
 }
 
 } // namespace
@@ -133,7 +137,8 @@ void GatherMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       rhs.shape(),
       rhs.strides(),
       static_cast<int64_t>(lhs.size()),
-      out.data<void>()};
+      out.data<void>(),
+      out.dtype()};
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.set_input_array(a);

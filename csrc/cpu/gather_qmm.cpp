@@ -43,6 +43,7 @@ struct GatherQMMArguments {
   mx::Strides rhs_strides;
   int64_t num_pairs;
   void* out;
+  mx::Dtype out_dtype;
 };
 
 void run_gather_qmm(const GatherQMMArguments& args) {
@@ -56,12 +57,13 @@ void run_gather_qmm(const GatherQMMArguments& args) {
   for (int d = 0; d < x_ndim - 2; ++d) {
     x_batch *= args.x_shape[d];
   }
-  std::vector<uint32_t> lhs = read_indices(
-      args.lhs, args.lhs_shape, args.lhs_strides, args.num_pairs, x_batch,
-      "[gather_qmm] lhs_indices", "the number of matrices it indexes");
+  // Pairs with an index out of range compute with index 0 (never an
+  // out-of-bounds read) and get NaN rows at the end.
+  std::vector<int64_t> bad_pairs;
+  std::vector<uint32_t> lhs =
+      read_indices(args.lhs, args.lhs_shape, args.lhs_strides, args.num_pairs, x_batch, bad_pairs);
   std::vector<uint32_t> rhs = read_indices(
-      args.rhs, args.rhs_shape, args.rhs_strides, args.num_pairs, args.num_matrices,
-      "[gather_qmm] rhs_indices", "the number of matrices it indexes");
+      args.rhs, args.rhs_shape, args.rhs_strides, args.num_pairs, args.num_matrices, bad_pairs);
   std::vector<int64_t> x_offsets(args.num_pairs);
   for (int64_t p = 0; p < args.num_pairs; ++p) {
     x_offsets[p] = batch_offset(lhs[p], args.x_shape, args.x_strides, x_ndim - 2);
@@ -92,6 +94,10 @@ void run_gather_qmm(const GatherQMMArguments& args) {
   pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
     kernel(problem, tasks[i]);
   });
+  const size_t item = mx::size_of(args.out_dtype);
+  for (int64_t p : bad_pairs) {
+    fill_nan(static_cast<char*>(args.out) + p * M * args.N * item, M * args.N, args.out_dtype);
+  }
 }
 
 } // namespace
@@ -152,7 +158,8 @@ void GatherQMM::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       rhs.shape(),
       rhs.strides(),
       static_cast<int64_t>(lhs.size()),
-      out.data<void>()};
+      out.data<void>(),
+      out.dtype()};
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (const auto& in : inputs) {

@@ -28,6 +28,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -46,6 +48,15 @@ struct Int16Activations {
   std::vector<int16_t> values; // [rows, K], 4-bit order: [even | odd] per 32
   std::vector<float> scales;   // [rows, groups]: d_g
   std::vector<float> sums;     // [rows, groups]: X_g
+  // What was rounded: the raw rows and the format. A fused layer calls the
+  // kernel once per (expert, column block) task with the same token rows;
+  // comparing the bytes (a few KB) costs far less than rounding again.
+  std::vector<char> source;
+  int64_t rows = -1;
+  int64_t K = -1;
+  int group_size = -1;
+  int bits = -1;
+  size_t itemsize = 0;
 };
 
 inline Int16Activations& int16_activations() {
@@ -318,7 +329,28 @@ void int16_direct_dot(
     int64_t ldacc) {
   static_assert(!std::is_same_v<T, float>, "float32 activations keep the exact float kernel");
   Int16Activations& x = int16_activations();
-  round_activations<T>(x_rows, x_col_stride, num_rows, K, q.group_size, q.bits, x);
+  const size_t row_bytes = static_cast<size_t>(K) * sizeof(T);
+  bool cached = x_col_stride == 1 && x.rows == num_rows && x.K == K && x.group_size == q.group_size &&
+      x.bits == q.bits && x.itemsize == sizeof(T);
+  for (int64_t r = 0; cached && r < num_rows; ++r) {
+    cached = std::memcmp(x.source.data() + r * row_bytes, x_rows[r], row_bytes) == 0;
+  }
+  if (!cached) {
+    round_activations<T>(x_rows, x_col_stride, num_rows, K, q.group_size, q.bits, x);
+    if (x_col_stride == 1) {
+      x.source.resize(num_rows * row_bytes);
+      for (int64_t r = 0; r < num_rows; ++r) {
+        std::memcpy(x.source.data() + r * row_bytes, x_rows[r], row_bytes);
+      }
+      x.rows = num_rows;
+      x.K = K;
+      x.group_size = q.group_size;
+      x.bits = q.bits;
+      x.itemsize = sizeof(T);
+    } else {
+      x.rows = -1;
+    }
+  }
   if (q.bits == 4) {
     int16_direct_format<4, T>(w, columns, x, num_rows, K, q.group_size, acc, ldacc);
   } else {

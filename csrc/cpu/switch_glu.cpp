@@ -63,24 +63,21 @@ void MoeRoute::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
                     strides = indices.strides(),
                     count = static_cast<int64_t>(indices.size()),
                     num_experts = num_experts_,
-                    what = "[" + op_ + "] indices",
                     order = outputs[0].data<uint32_t>(),
                     offsets = outputs[1].data<uint32_t>(),
                     sorted_experts = outputs[2].data<uint32_t>(),
                     status = outputs[3].data<uint32_t>()]() {
-    std::vector<uint32_t> experts;
-    *status = 0;
-    try {
-      experts = read_indices(
-          data, shape, strides, count, num_experts, what.c_str(), "the number of experts");
-    } catch (...) {
-      // The kernels queued after this one still run: hand them an empty
-      // routing (no expert has rows) so they read nothing, then report.
+    std::vector<int64_t> bad_slots;
+    std::vector<uint32_t> experts = read_indices(data, shape, strides, count, num_experts, bad_slots);
+    *status = bad_slots.empty() ? 0 : 1;
+    if (!bad_slots.empty()) {
+      // An id out of range: an empty routing (no expert has rows, so the
+      // kernels read nothing) and status 1, which the op turns into NaN
+      // outputs (ops.cpp, poison_on_bad_routing).
       std::fill(offsets, offsets + num_experts + 1, 0u);
       std::fill(order, order + count, 0u);
       std::fill(sorted_experts, sorted_experts + count, 0u);
-      *status = 1;
-      throw;
+      return;
     }
     cpu::sort_by_expert(experts.data(), count, num_experts, order, offsets);
     for (int e = 0; e < num_experts; ++e) {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import textwrap
 from typing import List, Optional, Sequence
@@ -611,12 +612,35 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return EXIT_OK
 
 
+def _restart_with_huge_page_malloc() -> None:
+    """Re-execute this command with glibc's ``glibc.malloc.hugetlb=1``
+    tunable when it is not set yet (Linux, glibc >= 2.35), so that every
+    weight buffer MLX allocates is in transparent huge pages from its first
+    write: decoding streams the weights, and 4 KiB pages slow that down by
+    an amount that depends on how scattered they happen to be. No-op
+    elsewhere, when already set, or with ``MLX_MOE_HUGE_PAGES=0``."""
+    from mlx_moe_kernels.memory import huge_page_malloc_environment
+
+    environ = huge_page_malloc_environment()
+    if environ is None:
+        return
+    environ[HUGE_PAGES_ENV_DONE] = "1"  # never loop, whatever glibc does
+    if os.environ.get(HUGE_PAGES_ENV_DONE):
+        return
+    os.execve(sys.executable, [sys.executable, "-m", "mlx_moe_kernels.cli", *sys.argv[1:]], environ)
+
+
+HUGE_PAGES_ENV_DONE = "MLX_MOE_HUGE_PAGES_REEXEC"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``mlx-moe``; returns the exit status.
 
     0: success; 1: ``bench`` found an implementation that disagrees with the
     reference (after printing the table); 2: a usage error.
     """
+    if argv is None:
+        _restart_with_huge_page_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

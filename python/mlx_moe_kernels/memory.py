@@ -66,3 +66,44 @@ def use_huge_pages(obj: Any) -> int:
         TypeError: ``obj`` holds something other than arrays and modules.
     """
     return _ext._advise_huge_pages(list(_arrays(obj)))[1]
+
+
+# glibc's tunable that has malloc advise every large allocation
+# (MADV_HUGEPAGE) before it is first written: MLX's weight buffers then
+# start out in huge pages, with no collapse pass after loading.
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+# Set to 0 to keep the default 4 KiB pages (and `mlx-moe` from re-executing).
+HUGE_PAGES_ENV = "MLX_MOE_HUGE_PAGES"
+
+
+def _glibc_version() -> tuple:
+    import os
+
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        return tuple(int(part) for part in version.split(".")[:2]) if name == "glibc" else ()
+    except (AttributeError, ValueError, OSError):
+        return ()
+
+
+def huge_page_malloc_environment(environ=None):
+    """The environment under which a new process backs its large
+    allocations with transparent huge pages from the start, or ``None`` when
+    there is nothing to do: not Linux/glibc >= 2.35 (the first with the
+    ``glibc.malloc.hugetlb`` tunable), already set, or opted out with
+    ``MLX_MOE_HUGE_PAGES=0``. glibc reads tunables only at process start,
+    so this is for launching a process (``mlx-moe`` re-executes itself with
+    it); child processes inherit it."""
+    import os
+    import sys
+
+    environ = dict(os.environ if environ is None else environ)
+    if not sys.platform.startswith("linux") or environ.get(HUGE_PAGES_ENV, "1") == "0":
+        return None
+    if _glibc_version() < (2, 35):
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables:
+        return None
+    environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGETLB_TUNABLE}" if tunables else HUGETLB_TUNABLE
+    return environ

@@ -55,10 +55,10 @@ def gather_mm(
             or non-integer indices.
         IndexError: For an index outside ``[0, number of matrices)``
             when the indices are already computed at the call.
-        RuntimeError: For such an index in lazily computed indices, when
-            the result is evaluated (never an out-of-bounds read). On a
-            Metal GPU the affected outputs are NaN instead (a GPU cannot
-            raise during its asynchronous evaluation).
+
+    An index outside its range in lazily computed indices cannot raise
+    during evaluation: the affected output rows are NaN (never an
+    out-of-bounds read), on the CPU as on a Metal GPU.
     """
     return _ext.gather_mm(
         a, b, lhs_indices, rhs_indices, sorted_indices=sorted_indices, stream=stream
@@ -128,9 +128,9 @@ def gather_qmm(
             dtypes, or biases missing in affine mode.
         IndexError: For an index outside its range when the indices are
             already computed at the call.
-        RuntimeError: For such an index in lazily computed indices, when the
-            result is evaluated (never an out-of-bounds read). On a Metal
-            GPU the affected outputs are NaN instead.
+
+    An index out of range in lazily computed indices gives NaN output rows
+    (never an out-of-bounds read).
     """
     return _ext.gather_qmm(
         x, w, scales, biases, lhs_indices, rhs_indices, transpose, group_size, bits, mode,
@@ -334,10 +334,10 @@ def switch_glu(
             to a dtype other than float32, float16 or bfloat16.
         IndexError: For an index outside ``[0, E)`` when the indices are
             already computed at the call.
-        RuntimeError: For such an index in lazily computed indices, when
-            the result is evaluated (never an out-of-bounds read). On a
-            Metal GPU, which cannot raise during its asynchronous
-            evaluation, the output is NaN instead.
+
+    An index out of range in lazily computed indices cannot raise during
+    evaluation: the whole output is then NaN (never an out-of-bounds read),
+    on the CPU as on a Metal GPU.
     """
     quantized = [isinstance(w, (tuple, list)) for w in (gate_weight, up_weight, down_weight)]
     if any(quantized):
@@ -395,8 +395,10 @@ def route(
         ValueError: For non-integer indices or ``num_experts <= 0``.
         IndexError: For an index outside ``[0, num_experts)`` when the
             indices are already computed at the call.
-        RuntimeError: For such an index in lazily computed indices, when
-            the result is evaluated.
+
+    An index out of range in lazily computed indices makes every offset
+    ``0xFFFFFFFF`` (an impossible range) instead of raising during
+    evaluation.
     """
     order, offsets = _ext.route(indices, num_experts, stream=stream)
     return order, offsets
