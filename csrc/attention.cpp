@@ -103,4 +103,29 @@ mx::array scaled_dot_product_attention(
       {std::move(q), std::move(k), std::move(v)});
 }
 
+mx::array rope(
+    mx::array x, int dims, bool traditional, float base, float scale, int offset, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (x.ndim() < 2) {
+    throw std::invalid_argument("[rope] x must have at least 2 dimensions (positions, features), got shape " + shape_of(x) + ".");
+  }
+  if (dims <= 0 || dims % 2 != 0 || dims > x.shape(-1)) {
+    throw std::invalid_argument(
+        "[rope] dims must be even, positive and at most x's last dimension " + std::to_string(x.shape(-1)) +
+        ", got " + std::to_string(dims) + ".");
+  }
+  if (x.dtype() != mx::float32 && x.dtype() != mx::float16 && x.dtype() != mx::bfloat16) {
+    std::ostringstream m;
+    m << "[rope] Supports float32, float16 and bfloat16, got " << x.dtype() << ".";
+    throw std::invalid_argument(m.str());
+  }
+  if (!has_kernels_for(stream)) {
+    return mx::fast::rope(x, dims, traditional, base, scale, offset, std::nullopt, stream);
+  }
+  const auto shape = x.shape();
+  const auto dtype = x.dtype();
+  return mx::array(
+      shape, dtype, std::make_shared<Rope>(stream, dims, traditional, base, scale, offset, false), {std::move(x)});
+}
+
 } // namespace mlx_moe

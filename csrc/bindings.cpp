@@ -153,6 +153,19 @@ NB_MODULE(_ext, m) {
       "Attention as mx.fast.scaled_dot_product_attention (see mlx_moe_kernels.scaled_dot_product_attention).");
 
   m.def(
+      "rope",
+      &mlx_moe::rope,
+      "x"_a,
+      "dims"_a,
+      nb::kw_only(),
+      "traditional"_a,
+      "base"_a,
+      "scale"_a,
+      "offset"_a,
+      "stream"_a = nb::none(),
+      "Rotary position embedding as mx.fast.rope (see mlx_moe_kernels.rope).");
+
+  m.def(
       "switch_glu",
       &mlx_moe::switch_glu,
       "x"_a,

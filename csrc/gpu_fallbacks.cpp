@@ -13,4 +13,8 @@ void Attention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
       "mx.fast.scaled_dot_product_attention on this stream.");
 }
 
+void Rope::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[rope] no GPU kernel: the op should have used mx.fast.rope on this stream.");
+}
+
 } // namespace mlx_moe

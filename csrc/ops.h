@@ -96,6 +96,12 @@ mx::array scaled_dot_product_attention(
 mx::array attention_reference(
     const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal, mx::StreamOrDevice s = {});
 
+// Rotary position embedding with mx.fast.rope's semantics (integer offset,
+// frequencies base^(-2i/dims)): our CPU kernel (one op instead of MLX's CPU
+// composition of a dozen); elsewhere mx::fast::rope. Differentiable.
+mx::array rope(
+    mx::array x, int dims, bool traditional, float base, float scale, int offset, mx::StreamOrDevice s = {});
+
 // One mx.quantize triple: packed codes, scales and (affine) biases.
 struct QuantizedWeight {
   mx::array weight;

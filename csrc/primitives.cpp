@@ -421,3 +421,26 @@ std::vector<mx::array> Attention::vjp(
 }
 
 } // namespace mlx_moe
+
+// ----------------------------------------------------------------- Rope
+namespace mlx_moe {
+
+bool Rope::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const Rope&>(other);
+  return dims_ == o.dims_ && traditional_ == o.traditional_ && base_ == o.base_ && scale_ == o.scale_ &&
+      offset_ == o.offset_ && inverse_ == o.inverse_;
+}
+
+// A rotation's transpose is the rotation by the opposite angle.
+std::vector<mx::array> Rope::vjp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
+  const auto& cotangent = cotangents[0];
+  return {mx::array(
+      cotangent.shape(), cotangent.dtype(),
+      std::make_shared<Rope>(stream(), dims_, traditional_, base_, scale_, offset_, !inverse_), {cotangent})};
+}
+
+} // namespace mlx_moe

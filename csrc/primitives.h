@@ -225,4 +225,46 @@ class Attention : public mx::UnaryPrimitive {
   bool causal_;
 };
 
+// Rotary position embedding (mx.fast.rope's semantics for an integer
+// offset and no custom frequencies): the first `dims` features of x's last
+// axis are rotated in pairs (i, i + dims/2), or (2i, 2i + 1) when
+// `traditional`, by (offset + position) * scale * base^(-2i/dims), the
+// position being the index along the second-to-last axis; `inverse`
+// rotates by the opposite angle (the gradient). Output: x's shape and
+// dtype, contiguous.
+class Rope : public mx::UnaryPrimitive {
+ public:
+  Rope(mx::Stream stream, int dims, bool traditional, float base, float scale, int offset, bool inverse)
+      : mx::UnaryPrimitive(stream),
+        dims_(dims),
+        traditional_(traditional),
+        base_(base),
+        scale_(scale),
+        offset_(offset),
+        inverse_(inverse) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override {
+    return "MoeRope";
+  }
+
+ private:
+  int dims_;
+  bool traditional_;
+  float base_;
+  float scale_;
+  int offset_;
+  bool inverse_;
+};
+
 } // namespace mlx_moe

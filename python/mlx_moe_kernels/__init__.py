@@ -8,7 +8,8 @@ The public API:
   optional score-weighted combine), ``route`` (token slots grouped by
   expert), and the dense projections ``linear`` / ``quantized_linear``
   (``x @ W.T`` on the same kernels over a single matrix), and
-  ``scaled_dot_product_attention`` (a flash-style CPU attention kernel);
+  ``scaled_dot_product_attention`` (a flash-style CPU attention kernel)
+  and ``rope`` (rotary embedding in one CPU kernel);
 * ``dense``: ``Linear``, ``QuantizedLinear``, ``Embedding``,
   ``QuantizedEmbedding``, MLX's layers computing on those ops (our models
   use them for the attention, router, shared expert and lm_head);
@@ -32,6 +33,7 @@ from mlx_moe_kernels.ops import (
     gather_qmm,
     linear,
     quantized_linear,
+    rope,
     route,
     scaled_dot_product_attention,
     switch_glu,
@@ -53,6 +55,7 @@ __all__ = [
     "linear",
     "quantized_linear",
     "scaled_dot_product_attention",
+    "rope",
     "dense",
     "SwiGLU",
     "SwitchLinear",

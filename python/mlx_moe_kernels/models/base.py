@@ -25,6 +25,7 @@ __all__ = [
     "BaseModelArgs",
     "normalize_text_config",
     "make_rope",
+    "RoPE",
     "KVCache",
     "make_cache",
     "Attention",
@@ -75,7 +76,7 @@ def normalize_text_config(config: Dict[str, Any]) -> Dict[str, Any]:
 _PLAIN_ROPE_TYPES = {"default", "mrope"}
 
 
-def make_rope(head_dim: int, base: float, scaling: Optional[Dict[str, Any]] = None) -> nn.RoPE:
+def make_rope(head_dim: int, base: float, scaling: Optional[Dict[str, Any]] = None) -> "RoPE":
     """The rotary embedding (non-traditional, i.e. rotating the two halves
     of the head, as Qwen does) for a config's ``rope_scaling``: none, the
     default, MRoPE (plain RoPE for text) or ``linear`` (positions divided by
@@ -89,7 +90,18 @@ def make_rope(head_dim: int, base: float, scaling: Optional[Dict[str, Any]] = No
             scale = 1.0 / float(scaling["factor"])
         else:
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported (default, linear, mrope)")
-    return nn.RoPE(head_dim, traditional=False, base=base, scale=scale)
+    return RoPE(head_dim, traditional=False, base=base, scale=scale)
+
+
+class RoPE(nn.RoPE):
+    """``nn.RoPE`` computed by :func:`mlx_moe_kernels.ops.rope` (one CPU
+    kernel; ``mx.fast.rope`` elsewhere)."""
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        """``x`` ``[..., L, D]`` rotated for positions ``offset ..
+        offset + L``."""
+        return ops.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
+                        offset=offset)
 
 
 class KVCache:
