@@ -49,7 +49,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import mlx.core as mx
@@ -57,6 +56,7 @@ import numpy as np
 
 import mlx_moe_kernels as mk
 from mlx_moe_kernels.bench import stock_switch_glu
+from mlx_moe_kernels.bench.timing import read_bandwidth
 
 GGML_TYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
@@ -88,23 +88,6 @@ def routings(rng, tokens: int, experts: int, top_k: int, count: int, start: int,
     if flat_sorted:
         result = [np.sort(r.reshape(-1)) for r in result]
     return [mx.array(r.astype(np.uint32)) for r in result]
-
-
-def read_bandwidth(buffer: np.ndarray, repeats: int = 3) -> float:
-    """Two-thread read bandwidth in GB/s: the best of `repeats` passes in
-    which two threads sum one half of `buffer` each (NumPy releases the GIL
-    in the sum; the buffer is far larger than the caches)."""
-    halves = np.array_split(buffer, 2)
-    best = 0.0
-    for _ in range(repeats):
-        threads = [threading.Thread(target=np.sum, args=(h,), kwargs={"dtype": np.float32}) for h in halves]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        best = max(best, buffer.nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 def quantize(w: mx.array, group_size: int, bits: int, dtype) -> tuple:
@@ -248,7 +231,7 @@ def main() -> int:
             if r % 2 == 0:
                 run_ggml()
             if bandwidth_buffer is not None:
-                bandwidths.append(read_bandwidth(bandwidth_buffer))
+                bandwidths.append(read_bandwidth(bandwidth_buffer, threads=2, passes=3))  # two threads, as ggml's run
             # Stock MLX: float32 only for gather_mm; quantized stock is very
             # slow on the CPU (a few calls suffice).
             if bits is not None and not args.no_stock:

@@ -234,7 +234,7 @@ def read_bandwidth(
     machines here) each sum one slice of ``buffer`` (NumPy releases the GIL
     in the sum). ``buffer`` should be far larger than the caches
     (:data:`READ_PROBE_BYTES`) and already written (its pages mapped).
-    The same probe as ``benchmarks/vs_ggml.py``'s."""
+    ``benchmarks/vs_ggml.py`` uses it too."""
     parts = np.array_split(buffer.reshape(-1), threads or kernel_threads())
     best = 0.0
     for _ in range(passes):
