@@ -1,6 +1,6 @@
-// The attention op: argument checks, the fallback to MLX's own
-// scaled_dot_product_attention where we have no kernel, and the plain-MLX
-// composition that is both the tests' oracle shape and the gradient.
+// The ops around the attention of a decoder layer: scaled_dot_product_attention
+// (argument checks, the fallback to MLX's own where we have no kernel, and
+// the plain-MLX composition that is its gradient), rope and rms_norm.
 #include <sstream>
 #include <stdexcept>
 
@@ -126,6 +126,34 @@ mx::array rope(
   const auto dtype = x.dtype();
   return mx::array(
       shape, dtype, std::make_shared<Rope>(stream, dims, traditional, base, scale, offset, false), {std::move(x)});
+}
+
+mx::array rms_norm(mx::array x, std::optional<mx::array> weight, float eps, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (x.ndim() < 1) {
+    throw std::invalid_argument("[rms_norm] x must have at least one dimension.");
+  }
+  if (x.dtype() != mx::float32 && x.dtype() != mx::float16 && x.dtype() != mx::bfloat16) {
+    std::ostringstream m;
+    m << "[rms_norm] Supports float32, float16 and bfloat16, got " << x.dtype() << ".";
+    throw std::invalid_argument(m.str());
+  }
+  if (weight && (weight->ndim() != 1 || weight->shape(0) != x.shape(-1))) {
+    throw std::invalid_argument(
+        "[rms_norm] weight must be 1-d with x's last dimension " + std::to_string(x.shape(-1)) + ", got shape " +
+        shape_of(*weight) + ".");
+  }
+  if (!has_kernels_for(stream)) {
+    return mx::fast::rms_norm(x, weight, eps, stream);
+  }
+  const auto shape = x.shape();
+  // MLX's output dtype: x's promoted with the weight's.
+  const auto dtype = weight ? mx::promote_types(x.dtype(), weight->dtype()) : x.dtype();
+  std::vector<mx::array> inputs{mx::astype(x, dtype, stream)};
+  if (weight) {
+    inputs.push_back(mx::astype(*weight, dtype, stream));
+  }
+  return mx::array(shape, dtype, std::make_shared<RmsNorm>(stream, eps), std::move(inputs));
 }
 
 } // namespace mlx_moe

@@ -166,6 +166,16 @@ NB_MODULE(_ext, m) {
       "Rotary position embedding as mx.fast.rope (see mlx_moe_kernels.rope).");
 
   m.def(
+      "rms_norm",
+      &mlx_moe::rms_norm,
+      "x"_a,
+      "weight"_a.none(),
+      nb::kw_only(),
+      "eps"_a,
+      "stream"_a = nb::none(),
+      "RMS normalisation as mx.fast.rms_norm (see mlx_moe_kernels.rms_norm).");
+
+  m.def(
       "switch_glu",
       &mlx_moe::switch_glu,
       "x"_a,

@@ -17,4 +17,8 @@ void Rope::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[rope] no GPU kernel: the op should have used mx.fast.rope on this stream.");
 }
 
+void RmsNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[rms_norm] no GPU kernel: the op should have used mx.fast.rms_norm on this stream.");
+}
+
 } // namespace mlx_moe

@@ -102,6 +102,11 @@ mx::array attention_reference(
 mx::array rope(
     mx::array x, int dims, bool traditional, float base, float scale, int offset, mx::StreamOrDevice s = {});
 
+// RMS normalisation over the last axis with mx.fast.rms_norm's semantics
+// (output in x's dtype promoted with the weight's): our CPU kernel, elsewhere
+// mx::fast::rms_norm. Differentiable.
+mx::array rms_norm(mx::array x, std::optional<mx::array> weight, float eps, mx::StreamOrDevice s = {});
+
 // One mx.quantize triple: packed codes, scales and (affine) biases.
 struct QuantizedWeight {
   mx::array weight;

@@ -444,3 +444,32 @@ std::vector<mx::array> Rope::vjp(
 }
 
 } // namespace mlx_moe
+
+// -------------------------------------------------------------- RmsNorm
+namespace mlx_moe {
+
+std::vector<mx::array> RmsNorm::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  const auto s = stream();
+  const float eps = eps_;
+  auto composition = [=](const std::vector<mx::array>& in) {
+    auto x = mx::astype(in[0], mx::float32, s);
+    auto mean_square = mx::mean(mx::square(x, s), std::vector<int>{-1}, true, s);
+    auto y = mx::multiply(x, mx::rsqrt(mx::add(mean_square, mx::array(eps), s), s), s);
+    if (in.size() == 2) {
+      y = mx::multiply(y, mx::astype(in[1], mx::float32, s), s);
+    }
+    return std::vector<mx::array>{mx::astype(y, in[0].dtype(), s)};
+  };
+  auto grads = mx::vjp(composition, primals, cotangents).second;
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    out.push_back(grads[arg]);
+  }
+  return out;
+}
+
+} // namespace mlx_moe

@@ -267,4 +267,32 @@ class Rope : public mx::UnaryPrimitive {
   bool inverse_;
 };
 
+// RMS normalisation over the last axis, mx.fast.rms_norm's semantics:
+// x / sqrt(mean(x^2) + eps) (* weight [D]), in float32, in x's dtype. Inputs:
+// x, and the weight when there is one. The gradient is the composition's.
+class RmsNorm : public mx::UnaryPrimitive {
+ public:
+  RmsNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+  const char* name() const override {
+    return "MoeRmsNorm";
+  }
+
+ private:
+  float eps_;
+};
+
 } // namespace mlx_moe

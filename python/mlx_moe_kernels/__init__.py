@@ -9,7 +9,7 @@ The public API:
   expert), and the dense projections ``linear`` / ``quantized_linear``
   (``x @ W.T`` on the same kernels over a single matrix), and
   ``scaled_dot_product_attention`` (a flash-style CPU attention kernel)
-  and ``rope`` (rotary embedding in one CPU kernel);
+  ``rope`` and ``rms_norm`` (one CPU kernel each);
 * ``dense``: ``Linear``, ``QuantizedLinear``, ``Embedding``,
   ``QuantizedEmbedding``, MLX's layers computing on those ops (our models
   use them for the attention, router, shared expert and lm_head);
@@ -33,6 +33,7 @@ from mlx_moe_kernels.ops import (
     gather_qmm,
     linear,
     quantized_linear,
+    rms_norm,
     rope,
     route,
     scaled_dot_product_attention,
@@ -56,6 +57,7 @@ __all__ = [
     "quantized_linear",
     "scaled_dot_product_attention",
     "rope",
+    "rms_norm",
     "dense",
     "SwiGLU",
     "SwitchLinear",

@@ -26,6 +26,7 @@ __all__ = [
     "normalize_text_config",
     "make_rope",
     "RoPE",
+    "RMSNorm",
     "KVCache",
     "make_cache",
     "Attention",
@@ -102,6 +103,15 @@ class RoPE(nn.RoPE):
         offset + L``."""
         return ops.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
                         offset=offset)
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` computed by :func:`mlx_moe_kernels.ops.rms_norm` (one
+    CPU kernel; ``mx.fast.rms_norm`` elsewhere)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """``x`` normalised over its last axis and scaled by ``weight``."""
+        return ops.rms_norm(x, self["weight"], self.eps)
 
 
 class KVCache:
@@ -185,8 +195,8 @@ class Attention(nn.Module):
         self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=False)
         if qk_norm:
-            self.q_norm = nn.RMSNorm(head_dim, eps=rms_norm_eps)
-            self.k_norm = nn.RMSNorm(head_dim, eps=rms_norm_eps)
+            self.q_norm = RMSNorm(head_dim, eps=rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, eps=rms_norm_eps)
         self.rope = rope
 
     def __call__(self, x: mx.array, mask=None, cache: Optional[KVCache] = None) -> mx.array:

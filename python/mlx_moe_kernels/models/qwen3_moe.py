@@ -37,6 +37,7 @@ from mlx_moe_kernels.dense import Embedding, Linear
 from mlx_moe_kernels.layers import SwitchGLU
 from mlx_moe_kernels.models.base import (
     MLP,
+    RMSNorm,
     Attention,
     BaseModelArgs,
     causal_mask,
@@ -129,8 +130,8 @@ class Qwen3MoeDecoderLayer(nn.Module):
             self.mlp = Qwen3MoeSparseMoeBlock(args)
         else:
             self.mlp = MLP(args.hidden_size, args.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         """``[B, L, D] -> [B, L, D]``."""
@@ -145,7 +146,7 @@ class Qwen3MoeModel(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = [Qwen3MoeDecoderLayer(args, i) for i in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, tokens: mx.array, cache=None) -> mx.array:
         """Hidden states ``[B, L, D]`` of ``tokens`` ``[B, L]``."""
