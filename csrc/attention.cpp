@@ -13,16 +13,6 @@ namespace mlx_moe {
 
 namespace {
 
-std::string shape_of(const mx::array& a) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < a.ndim(); ++i) {
-    out << (i ? ", " : "") << a.shape(static_cast<int>(i));
-  }
-  out << ")";
-  return out.str();
-}
-
 [[noreturn]] void attention_error(const std::string& message) {
   throw std::invalid_argument("[scaled_dot_product_attention] " + message);
 }
@@ -65,7 +55,7 @@ mx::array scaled_dot_product_attention(
   for (const auto* a : {&q, &k, &v}) {
     if (a->ndim() != 4) {
       const char* name = a == &q ? "q" : (a == &k ? "k" : "v");
-      attention_error(std::string(name) + " must be 4-d [batch, heads, length, dim], got shape " + shape_of(*a) + ".");
+      attention_error(std::string(name) + " must be 4-d [batch, heads, length, dim], got shape " + shape_text(a->shape()) + ".");
     }
   }
   if (q.dtype() != k.dtype() || q.dtype() != v.dtype()) {
@@ -79,13 +69,13 @@ mx::array scaled_dot_product_attention(
     attention_error(m.str());
   }
   if (k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0)) {
-    attention_error("q " + shape_of(q) + ", k " + shape_of(k) + " and v " + shape_of(v) + " have different batch sizes.");
+    attention_error("q " + shape_text(q.shape()) + ", k " + shape_text(k.shape()) + " and v " + shape_text(v.shape()) + " have different batch sizes.");
   }
   if (k.shape(1) != v.shape(1) || k.shape(2) != v.shape(2)) {
-    attention_error("k " + shape_of(k) + " and v " + shape_of(v) + " must have the same heads and length.");
+    attention_error("k " + shape_text(k.shape()) + " and v " + shape_text(v.shape()) + " must have the same heads and length.");
   }
   if (k.shape(3) != q.shape(3)) {
-    attention_error("q " + shape_of(q) + " and k " + shape_of(k) + " must have the same head dimension.");
+    attention_error("q " + shape_text(q.shape()) + " and k " + shape_text(k.shape()) + " must have the same head dimension.");
   }
   if (k.shape(1) == 0 || q.shape(1) % k.shape(1) != 0) {
     attention_error(
@@ -107,7 +97,7 @@ mx::array rope(
     mx::array x, int dims, bool traditional, float base, float scale, int offset, mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   if (x.ndim() < 2) {
-    throw std::invalid_argument("[rope] x must have at least 2 dimensions (positions, features), got shape " + shape_of(x) + ".");
+    throw std::invalid_argument("[rope] x must have at least 2 dimensions (positions, features), got shape " + shape_text(x.shape()) + ".");
   }
   if (dims <= 0 || dims % 2 != 0 || dims > x.shape(-1)) {
     throw std::invalid_argument(
@@ -141,7 +131,7 @@ mx::array rms_norm(mx::array x, std::optional<mx::array> weight, float eps, mx::
   if (weight && (weight->ndim() != 1 || weight->shape(0) != x.shape(-1))) {
     throw std::invalid_argument(
         "[rms_norm] weight must be 1-d with x's last dimension " + std::to_string(x.shape(-1)) + ", got shape " +
-        shape_of(*weight) + ".");
+        shape_text(weight->shape()) + ".");
   }
   if (!has_kernels_for(stream)) {
     return mx::fast::rms_norm(x, weight, eps, stream);

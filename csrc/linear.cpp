@@ -18,16 +18,6 @@ namespace mlx_moe {
 
 namespace {
 
-std::string shape_string(const mx::Shape& shape) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    out << (i ? ", " : "") << shape[i];
-  }
-  out << (shape.size() == 1 ? ",)" : ")");
-  return out.str();
-}
-
 // x's leading dimensions flattened into one row axis behind a batch of
 // one: [..., K] -> [1, rows, K] (a view when x is row-contiguous).
 mx::array as_single_batch(const mx::array& x, const mx::Stream& stream) {
@@ -56,7 +46,7 @@ mx::array linear(mx::array x, mx::array weight, mx::StreamOrDevice s) {
   if (weight.ndim() != 2) {
     throw std::invalid_argument(
         "[linear] weight must be a 2-d [out_features, in_features] matrix, got shape " +
-        shape_string(weight.shape()) + ".");
+        shape_text(weight.shape()) + ".");
   }
   if (x.ndim() == 0) {
     throw std::invalid_argument("[linear] x must have at least one dimension, got a scalar.");
@@ -64,7 +54,7 @@ mx::array linear(mx::array x, mx::array weight, mx::StreamOrDevice s) {
   if (x.shape(-1) != weight.shape(1)) {
     throw std::invalid_argument(
         "[linear] x's last dimension " + std::to_string(x.shape(-1)) + " does not match the " +
-        std::to_string(weight.shape(1)) + " input features of weight " + shape_string(weight.shape()) + ".");
+        std::to_string(weight.shape(1)) + " input features of weight " + shape_text(weight.shape()) + ".");
   }
   const auto out_type = mx::promote_types(x.dtype(), weight.dtype());
   if (out_type != mx::float32 && out_type != mx::float16 && out_type != mx::bfloat16) {
@@ -99,7 +89,7 @@ mx::array quantized_linear(
   if (w.ndim() != 2) {
     throw std::invalid_argument(
         "[quantized_linear] w must be the 2-d packed [out_features, in_features * bits / 32] weight, got "
-        "shape " + shape_string(w.shape()) + ".");
+        "shape " + shape_text(w.shape()) + ".");
   }
   if (x.ndim() == 0) {
     throw std::invalid_argument("[quantized_linear] x must have at least one dimension, got a scalar.");
@@ -108,7 +98,7 @@ mx::array quantized_linear(
   if (x.shape(-1) != K) {
     throw std::invalid_argument(
         "[quantized_linear] x's last dimension " + std::to_string(x.shape(-1)) + " does not match the " +
-        std::to_string(K) + " input features of w " + shape_string(w.shape()) + " (" +
+        std::to_string(K) + " input features of w " + shape_text(w.shape()) + " (" +
         std::to_string(f.bits) + " bits).");
   }
   if (!has_kernels_for(stream)) {

@@ -364,13 +364,13 @@ namespace {
   throw std::invalid_argument("[gather_qmm] " + message);
 }
 
+} // namespace
+
 std::string shape_text(const mx::Shape& shape) {
   std::ostringstream out;
   out << shape;
   return out.str();
 }
-
-} // namespace
 
 QuantizationFormat quantization_format(
     std::optional<int> group_size,
@@ -596,12 +596,6 @@ void require(bool condition, const std::function<std::string()>& message) {
   }
 }
 
-std::string shape_string(const mx::Shape& shape) {
-  std::ostringstream out;
-  out << shape;
-  return out.str();
-}
-
 } // namespace
 
 std::pair<mx::array, mx::array> route(mx::array indices, int num_experts, mx::StreamOrDevice s) {
@@ -638,36 +632,36 @@ mx::array switch_glu(
   const bool fused = !gate_weight.has_value();
   require(x.ndim() >= 1, [&] { return std::string("x must have at least one dimension."); });
   require(down_weight.ndim() == 3, [&] {
-    return "down_weight must be [E, D, H] but has shape " + shape_string(down_weight.shape()) + ".";
+    return "down_weight must be [E, D, H] but has shape " + shape_text(down_weight.shape()) + ".";
   });
   const int num_experts = down_weight.shape(0);
   const int model_dims = down_weight.shape(1);
   const int hidden_dims = down_weight.shape(2);
   require(x.shape(-1) == model_dims, [&] {
     return "x's last dimension " + std::to_string(x.shape(-1)) +
-        " does not match down_weight [E, D, H] = " + shape_string(down_weight.shape()) + ".";
+        " does not match down_weight [E, D, H] = " + shape_text(down_weight.shape()) + ".";
   });
   const mx::Shape projection{num_experts, (fused ? 2 : 1) * hidden_dims, model_dims};
   require(up_weight.shape() == projection, [&] {
     return std::string(fused ? "the fused gate_up weight (passed as up_weight with gate_weight=None)"
                              : "up_weight") +
-        " must have shape " + shape_string(projection) + " to match down_weight " +
-        shape_string(down_weight.shape()) + ", but has shape " + shape_string(up_weight.shape()) + ".";
+        " must have shape " + shape_text(projection) + " to match down_weight " +
+        shape_text(down_weight.shape()) + ", but has shape " + shape_text(up_weight.shape()) + ".";
   });
   if (!fused) {
     require(gate_weight->shape() == projection, [&] {
-      return "gate_weight must have shape " + shape_string(projection) + " but has shape " +
-          shape_string(gate_weight->shape()) + ".";
+      return "gate_weight must have shape " + shape_text(projection) + " but has shape " +
+          shape_text(gate_weight->shape()) + ".";
     });
   }
   require(indices.ndim() == x.ndim(), [&] {
-    return "indices must be [..., k] with the leading dimensions of x " + shape_string(x.shape()) +
-        ", but has shape " + shape_string(indices.shape()) + ".";
+    return "indices must be [..., k] with the leading dimensions of x " + shape_text(x.shape()) +
+        ", but has shape " + shape_text(indices.shape()) + ".";
   });
   for (int d = 0; d + 1 < static_cast<int>(x.ndim()); ++d) {
     require(indices.shape(d) == x.shape(d), [&] {
-      return "indices " + shape_string(indices.shape()) +
-          " must have the leading dimensions of x " + shape_string(x.shape()) + ".";
+      return "indices " + shape_text(indices.shape()) +
+          " must have the leading dimensions of x " + shape_text(x.shape()) + ".";
     });
   }
   const int top_k = indices.shape(-1);
@@ -678,8 +672,8 @@ mx::array switch_glu(
   });
   if (scores) {
     require(scores->shape() == indices.shape(), [&] {
-      return "scores must have the shape of indices " + shape_string(indices.shape()) + " but has shape " +
-          shape_string(scores->shape()) + ".";
+      return "scores must have the shape of indices " + shape_text(indices.shape()) + " but has shape " +
+          shape_text(scores->shape()) + ".";
     });
     require(mx::issubdtype(scores->dtype(), mx::floating), [&] {
       std::ostringstream m;
@@ -806,7 +800,7 @@ mx::array switch_glu_quantized(
   check_quantized_weight(up.weight, up.scales, up.biases, f, "switch_glu", "up_weight");
   require(down.weight.ndim() == 3, [&] {
     return "the quantized down_weight must be [E, D, H * bits / 32] but has shape " +
-        shape_string(down.weight.shape()) + ".";
+        shape_text(down.weight.shape()) + ".";
   });
   const int num_experts = down.weight.shape(0);
   const int model_dims = down.weight.shape(1);
@@ -815,23 +809,23 @@ mx::array switch_glu_quantized(
   for (const auto* named : {&gate, &up}) {
     require(named->weight.shape() == projection, [&] {
       return std::string(named == &gate ? "gate_weight" : "up_weight") + " must have shape " +
-          shape_string(projection) + " ([E, H, D * bits / 32]) to match down_weight " +
-          shape_string(down.weight.shape()) + ", but has shape " + shape_string(named->weight.shape()) + ".";
+          shape_text(projection) + " ([E, H, D * bits / 32]) to match down_weight " +
+          shape_text(down.weight.shape()) + ", but has shape " + shape_text(named->weight.shape()) + ".";
     });
   }
   require(x.ndim() >= 1 && x.shape(-1) == model_dims, [&] {
     return "x's last dimension must be D = " + std::to_string(model_dims) +
-        " (from down_weight " + shape_string(down.weight.shape()) + "), got x with shape " +
-        shape_string(x.shape()) + ".";
+        " (from down_weight " + shape_text(down.weight.shape()) + "), got x with shape " +
+        shape_text(x.shape()) + ".";
   });
   require(indices.ndim() == x.ndim(), [&] {
-    return "indices must be [..., k] with the leading dimensions of x " + shape_string(x.shape()) +
-        ", but has shape " + shape_string(indices.shape()) + ".";
+    return "indices must be [..., k] with the leading dimensions of x " + shape_text(x.shape()) +
+        ", but has shape " + shape_text(indices.shape()) + ".";
   });
   for (int d = 0; d + 1 < static_cast<int>(x.ndim()); ++d) {
     require(indices.shape(d) == x.shape(d), [&] {
-      return "indices " + shape_string(indices.shape()) + " must have the leading dimensions of x " +
-          shape_string(x.shape()) + ".";
+      return "indices " + shape_text(indices.shape()) + " must have the leading dimensions of x " +
+          shape_text(x.shape()) + ".";
     });
   }
   const int top_k = indices.shape(-1);
@@ -841,8 +835,8 @@ mx::array switch_glu_quantized(
   });
   if (scores) {
     require(scores->shape() == indices.shape(), [&] {
-      return "scores must have the shape of indices " + shape_string(indices.shape()) +
-          " but has shape " + shape_string(scores->shape()) + ".";
+      return "scores must have the shape of indices " + shape_text(indices.shape()) +
+          " but has shape " + shape_text(scores->shape()) + ".";
     });
     require(mx::issubdtype(scores->dtype(), mx::floating), [] { return std::string("scores must be floating point."); });
   }

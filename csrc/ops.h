@@ -156,6 +156,9 @@ void check_quantized_weight(
     const char* op,
     const std::string& name);
 
+// A shape as error messages print it, e.g. "(2, 3)".
+std::string shape_text(const mx::Shape& shape);
+
 // True when this build has our kernels for the stream's device. Where it
 // has none (the GPU before the Metal/CUDA kernels land) the ops fall back
 // to MLX's own implementation.

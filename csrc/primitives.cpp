@@ -1,5 +1,6 @@
 #include "primitives.h"
 
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -7,6 +8,27 @@
 #include "ops.h"
 
 namespace mlx_moe {
+
+namespace {
+
+// The gradients (for `argnums`) of a plain-MLX composition computing the
+// same output as a primitive: the vjp of primitives whose backward pass is
+// rare on the CPU (attention, normalisation), exact by construction.
+std::vector<mx::array> composition_vjp(
+    const std::function<mx::array(const std::vector<mx::array>&)>& composition,
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums) {
+  auto as_outputs = [&](const std::vector<mx::array>& in) { return std::vector<mx::array>{composition(in)}; };
+  auto grads = mx::vjp(as_outputs, primals, cotangents).second;
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    out.push_back(grads[arg]);
+  }
+  return out;
+}
+
+} // namespace
 
 std::vector<mx::Shape> GatherMM::output_shapes(const std::vector<mx::array>& inputs) {
   auto shape = inputs[2].shape();
@@ -409,15 +431,9 @@ std::vector<mx::array> Attention::vjp(
   const auto s = stream();
   const float scale = scale_;
   const bool causal = causal_;
-  auto composition = [=](const std::vector<mx::array>& in) {
-    return std::vector<mx::array>{attention_reference(in[0], in[1], in[2], scale, causal, s)};
-  };
-  auto grads = mx::vjp(composition, primals, cotangents).second;
-  std::vector<mx::array> out;
-  for (int arg : argnums) {
-    out.push_back(grads[arg]);
-  }
-  return out;
+  return composition_vjp(
+      [=](const std::vector<mx::array>& in) { return attention_reference(in[0], in[1], in[2], scale, causal, s); },
+      primals, cotangents, argnums);
 }
 
 } // namespace mlx_moe
@@ -462,14 +478,9 @@ std::vector<mx::array> RmsNorm::vjp(
     if (in.size() == 2) {
       y = mx::multiply(y, mx::astype(in[1], mx::float32, s), s);
     }
-    return std::vector<mx::array>{mx::astype(y, in[0].dtype(), s)};
+    return mx::astype(y, in[0].dtype(), s);
   };
-  auto grads = mx::vjp(composition, primals, cotangents).second;
-  std::vector<mx::array> out;
-  for (int arg : argnums) {
-    out.push_back(grads[arg]);
-  }
-  return out;
+  return composition_vjp(composition, primals, cotangents, argnums);
 }
 
 } // namespace mlx_moe

@@ -8,6 +8,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/types/half_types.h"
 
+#include "cpu/indices.h"
 #include "cpu/thread_pool.h"
 #include "primitives.h"
 
@@ -45,11 +46,7 @@ void run_rms_norm(const RmsNormArguments& a) {
   const int64_t last_stride = a.strides[ndim - 1];
   auto normalize = [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      int64_t rest = row, src = 0;
-      for (int d = ndim - 2; d >= 0; --d) {
-        src += (rest % a.shape[d]) * a.strides[d];
-        rest /= a.shape[d];
-      }
+      const int64_t src = batch_offset(row, a.shape, a.strides, ndim - 1);
       float sum = 0.0f;
       for (int64_t j = 0; j < D; ++j) {
         const float v = static_cast<float>(x[src + j * last_stride]);

@@ -10,6 +10,7 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 
+#include "cpu/indices.h"
 #include "cpu/thread_pool.h"
 #include "mlx/types/half_types.h"
 #include "primitives.h"
@@ -73,18 +74,10 @@ void run_rope(const RopeArguments& a) {
   const int64_t last_stride = a.strides[ndim - 1];
   auto rotate_rows = [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      // Element offset of the row from its multi-index over the leading
-      // axes (any strides).
-      int64_t rest = row, src = 0;
-      int64_t position = 0;
-      for (int d = ndim - 2; d >= 0; --d) {
-        const int64_t index = rest % a.shape[d];
-        rest /= a.shape[d];
-        src += index * a.strides[d];
-        if (d == ndim - 2) {
-          position = index;
-        }
-      }
+      // The row's element offset over the leading axes (any strides); its
+      // position is its index along the second-to-last axis.
+      const int64_t src = batch_offset(row, a.shape, a.strides, ndim - 1);
+      const int64_t position = row % L;
       const float* c = cosines.data() + position * half;
       const float* s = sines.data() + position * half;
       const int64_t dst = row * D;
