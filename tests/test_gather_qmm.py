@@ -145,6 +145,59 @@ def test_all_rows_one_expert(build, rows, bits):
     check(x, q, s, b, "affine", 128, bits, rhs=indices([7] * rows))
 
 
+# The AVX2 build's integer GEMM (quantized_gemm_avx2.h) takes 4/8-bit affine
+# codes with half-precision activations beyond 8 rows: rows around its
+# 4-row tiles and 64-row blocks, columns around its 8- and 16-column panels,
+# every group size it unrolls.
+@pytest.mark.parametrize("rows", [9, 13, 64, 65, 131])
+@pytest.mark.parametrize("N", [1, 9, 17, 40])
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64), (8, 128)])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=DTYPE_IDS.get)
+def test_many_rows_integer_formats(build, rows, N, bits, group_size, dtype):
+    K = 384 if group_size != 128 else 256
+    q, s, b = quantized((3, N, K), "affine", group_size, bits, dtype, seed=rows + N)
+    x = rand((rows, 1, K), dtype, seed=rows)
+    rhs = indices([1] * (rows - 2) + [0, 2])  # one expert with many rows, two with one
+    check(x, q, s, b, "affine", group_size, bits, rhs=rhs)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=DTYPE_IDS.get)
+def test_many_rows_special_activations(build, bits, dtype):
+    """A NaN or infinity poisons only its own row (and every column of it);
+    an all-zero row gives zeros; an outlier 6e4 times its group's other
+    values keeps the documented bound of the integer path (README,
+    "Numerics"): each activation off by at most half a step of its group's
+    int16 grid, max_g |x| / 65534, on top of the float bound."""
+    K, N, rows, group_size = 128, 20, 24, 64
+    q, s, b = quantized((1, N, K), "affine", group_size, bits, dtype, seed=5)
+    base = np.array(rand((rows, 1, K), mx.float32, seed=6))
+    base[3, 0, 70] = np.nan
+    base[5, 0, 10] = np.inf
+    base[7] = 0.0
+    base[9, 0, :] = 1e-3
+    base[9, 0, 5] = 60.0
+    x = mx.array(base).astype(dtype)
+    out = mk.gather_qmm(x, q, s, b, rhs_indices=indices([0] * rows), group_size=group_size, bits=bits)
+    out = np.array(out.astype(mx.float32))
+    assert np.isnan(out[3]).all() and not np.isfinite(out[5]).any()
+    finite = [r for r in range(rows) if r not in (3, 5)]
+    assert np.isfinite(out[finite]).all()
+    # The weights exactly (float32 scales: MLX dequantizes bfloat16 ones in
+    # bfloat16, whose rounding the integer path does not have).
+    full = dequantized_f64(q, s.astype(mx.float32), b.astype(mx.float32), "affine", group_size, bits)
+    xs = to_f64(x)[finite]
+    exact, absprod = np_gather_qmm(x[mx.array(finite)], full, None, indices([0] * len(finite)), True)
+    half_steps = np.abs(xs).reshape(len(finite), 1, K // group_size, group_size).max(-1) / 65534
+    w_group_sums = np.abs(full[0]).reshape(N, K // group_size, group_size).sum(-1)
+    rounding = half_steps @ w_group_sums.T  # [rows, 1, N]
+    bound = (UNIT_ROUNDOFF[dtype] + 2 * K * 2.0**-24) * absprod + ulp(exact, dtype) + rounding
+    excess = np.abs(out[finite] - exact) - bound
+    at = np.unravel_index(np.argmax(excess), excess.shape)
+    assert (excess <= 0).all(), (at, out[finite][at], exact[at], bound[at], rounding[at])
+    assert (out[7] == 0.0).all()
+
+
 def test_lhs_and_rhs_indices_broadcast(build):
     """Both index arrays, broadcast against each other; a batch of x."""
     q, s, b = quantized((2, 3, 40, 64), "affine", 32, 8, mx.float16)

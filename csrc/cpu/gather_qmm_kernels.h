@@ -21,6 +21,7 @@
 #include "cpu/quantized_dot_avx512.h"
 #endif
 #include "cpu/quantized_dot_avx2.h"
+#include "cpu/quantized_gemm_avx2.h"
 
 namespace mlx_moe::cpu {
 namespace {
@@ -38,9 +39,11 @@ constexpr int64_t kGenericDirectRowLimit = 6;
 // dequantizing a little longer than the generic one.
 constexpr int64_t kInt16DirectRowLimit = 8;
 
-// The direct few-rows kernels: true when one ran (the AVX-512 BF16 one
-// where it applies, else the generic one), false when the caller must
-// dequantize.
+// The kernels that multiply the packed codes without a dequantized copy:
+// true when one ran, false when the caller must dequantize. Few rows: the
+// AVX-512 BF16 one where it applies, the AVX2 integer one, else the generic
+// one. Many rows: the AVX2 integer GEMM in the AVX2 build (the AVX-512
+// build's BF16 dot engine on dequantized blocks is as fast there).
 template <typename T>
 bool direct_quantized_dot(
     const QuantizedMatrices& q,
@@ -67,9 +70,15 @@ bool direct_quantized_dot(
   (void)following, (void)following_count;
 #if defined(MLX_MOE_SIMD_AVX2)
   if constexpr (!std::is_same_v<T, float>) {
-    if (num_rows <= kInt16DirectRowLimit && int16_direct_supports(q)) {
-      int16_direct_dot<T>(q, w, columns, x_rows, x_col_stride, num_rows, K, acc, ldacc);
+    if (int16_direct_supports(q)) {
+      if (num_rows <= kInt16DirectRowLimit) {
+        int16_direct_dot<T>(q, w, columns, x_rows, x_col_stride, num_rows, K, acc, ldacc);
+        return true;
+      }
+#if !defined(MLX_MOE_DOT_BF16)
+      int16_gemm<T>(q, w, columns, x_rows, x_col_stride, num_rows, K, acc, ldacc);
       return true;
+#endif
     }
   }
 #endif

@@ -14,7 +14,12 @@
 //   - per group, sum_k q_k i_k accumulates exactly in int32 (at most
 //     128 * 255 * 32767 < 2^31), and
 //     sum_k (s q_k + b) x_k ~= s * d_g * sum_k q_k i_k + b * X_g
-//     with X_g the float sum of the group's activations.
+//     with X_g = d_g * sum_k i_k, the sum of the rounded activations: the
+//     result is then the exact product of the weights with the rounded
+//     activations, error <= sum_k |w_k| d_g / 2. (With the float sum of
+//     the activations instead, the error would be s * sum_k q_k e_k with
+//     codes all >= 0: same-signed rounding errors, as a group's small
+//     values next to an outlier make, would add up without cancelling.)
 // 4-bit codes: 16 bytes hold 32 codes (byte j: elements 2j and 2j + 1 in
 // its low and high nibble); widened to 16 int16 lanes, the even elements
 // are `v & 15` and the odd ones `v >> 4`, so the activations are stored
@@ -45,9 +50,9 @@ inline bool int16_direct_supports(const QuantizedMatrices& q) {
 }
 
 struct Int16Activations {
-  std::vector<int16_t> values; // [rows, K], 4-bit order: [even | odd] per 32
+  std::vector<int16_t> values; // [rows, K]; interleaved: [even | odd] per 32
   std::vector<float> scales;   // [rows, groups]: d_g
-  std::vector<float> sums;     // [rows, groups]: X_g
+  std::vector<float> sums;     // [rows, groups]: X_g = d_g * sum_k i_k
   // What was rounded: the raw rows and the format. A fused layer calls the
   // kernel once per (expert, column block) task with the same token rows;
   // comparing the bytes (a few KB) costs far less than rounding again.
@@ -55,7 +60,7 @@ struct Int16Activations {
   int64_t rows = -1;
   int64_t K = -1;
   int group_size = -1;
-  int bits = -1;
+  bool interleaved = false;
   size_t itemsize = 0;
 };
 
@@ -64,9 +69,73 @@ inline Int16Activations& int16_activations() {
   return s;
 }
 
+inline float horizontal_sum8(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  half = _mm_add_ss(half, _mm_movehdup_ps(half));
+  return _mm_cvtss_f32(half);
+}
+
+// 8 activations as float32 lanes.
+template <typename T>
+inline __m256 load8_as_float(const T* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (std::is_same_v<T, Float16Bits>) {
+    return _mm256_cvtph_ps(bits);
+  } else {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+}
+
+// One contiguous row in natural order, 8 lanes at a time (the many-rows
+// GEMM rounds every row of every task, so this must stay cheap).
+template <typename T>
+void round_row_natural(const T* x, int64_t K, int group_size, int16_t* values, float* scales, float* sums) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  float group[128];
+  for (int64_t g = 0; g < K / group_size; ++g) {
+    __m256 largest = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+    for (int j = 0; j < group_size; j += 8) {
+      const __m256 v = load8_as_float(x + g * group_size + j);
+      _mm256_storeu_ps(group + j, v);
+      largest = _mm256_max_ps(largest, _mm256_and_ps(v, magnitude));
+      total = _mm256_add_ps(total, v);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, largest);
+    float peak = 0.0f;
+    for (float lane : lanes) {
+      peak = std::max(peak, lane);
+    }
+    // max_ps drops NaN lanes, so finiteness is judged on the sum, which
+    // every NaN or infinity reaches.
+    const bool finite = std::isfinite(horizontal_sum8(total)) && std::isfinite(peak);
+    const float inverse = (finite && peak > 0.0f) ? 32767.0f / peak : 0.0f;
+    const float scale = finite ? peak / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+    scales[g] = scale;
+    const __m256 factor = _mm256_set1_ps(inverse);
+    __m256i rounded_total = _mm256_setzero_si256();
+    for (int j = 0; j < group_size; j += 16) {
+      const __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(group + j), factor));
+      const __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(group + j + 8), factor));
+      rounded_total = _mm256_add_epi32(rounded_total, _mm256_add_epi32(low, high));
+      // packs works per 128-bit half: restore the element order.
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + g * group_size + j), packed);
+    }
+    int32_t lanes_total[8];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes_total), rounded_total);
+    int64_t rounded_sum = 0;
+    for (int32_t lane : lanes_total) {
+      rounded_sum += lane;
+    }
+    sums[g] = scale * static_cast<float>(rounded_sum);
+  }
+}
+
 template <typename T>
 void round_activations(
-    const T* const* x_rows, int64_t x_col_stride, int64_t rows, int64_t K, int group_size, int bits,
+    const T* const* x_rows, int64_t x_col_stride, int64_t rows, int64_t K, int group_size, bool interleaved,
     Int16Activations& s) {
   const int64_t groups = K / group_size;
   s.values.resize(rows * K);
@@ -74,6 +143,12 @@ void round_activations(
   s.sums.resize(rows * groups);
   float group[128];
   for (int64_t r = 0; r < rows; ++r) {
+    if (!interleaved && x_col_stride == 1) {
+      round_row_natural<T>(
+          x_rows[r], K, group_size, s.values.data() + r * K, s.scales.data() + r * groups,
+          s.sums.data() + r * groups);
+      continue;
+    }
     for (int64_t g = 0; g < groups; ++g) {
       float largest = 0.0f, sum = 0.0f;
       for (int j = 0; j < group_size; ++j) {
@@ -85,24 +160,52 @@ void round_activations(
       const float inverse = (finite && largest > 0.0f) ? 32767.0f / largest : 0.0f;
       // A NaN or infinite activation makes the group's scale NaN, so the
       // output is NaN as an exact product would be.
-      s.scales[r * groups + g] = finite ? largest / 32767.0f : std::numeric_limits<float>::quiet_NaN();
-      s.sums[r * groups + g] = sum;
+      const float scale = finite ? largest / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+      s.scales[r * groups + g] = scale;
       int16_t* dst = s.values.data() + r * K + g * group_size;
+      int64_t rounded_sum = 0;
       for (int b = 0; b < group_size; b += 32) {
         for (int i = 0; i < 32; ++i) {
-          const int source = bits == 4 ? b + (i < 16 ? 2 * i : 2 * (i - 16) + 1) : b + i;
+          const int source = interleaved ? b + (i < 16 ? 2 * i : 2 * (i - 16) + 1) : b + i;
           dst[b + i] = static_cast<int16_t>(std::lrintf(group[source] * inverse));
+          rounded_sum += dst[b + i];
         }
       }
+      s.sums[r * groups + g] = scale * static_cast<float>(rounded_sum);
     }
   }
 }
 
-inline float horizontal_sum8(__m256 v) {
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  half = _mm_add_ss(half, _mm_movehdup_ps(half));
-  return _mm_cvtss_f32(half);
+// The rows rounded as above, reusing the previous call's rounding on this
+// thread when the rows and the format are the same.
+template <typename T>
+const Int16Activations& prepared_int16_activations(
+    const T* const* x_rows, int64_t x_col_stride, int64_t rows, int64_t K, int group_size, bool interleaved) {
+  Int16Activations& x = int16_activations();
+  const size_t row_bytes = static_cast<size_t>(K) * sizeof(T);
+  bool cached = x_col_stride == 1 && x.rows == rows && x.K == K && x.group_size == group_size &&
+      x.interleaved == interleaved && x.itemsize == sizeof(T);
+  for (int64_t r = 0; cached && r < rows; ++r) {
+    cached = std::memcmp(x.source.data() + r * row_bytes, x_rows[r], row_bytes) == 0;
+  }
+  if (cached) {
+    return x;
+  }
+  round_activations<T>(x_rows, x_col_stride, rows, K, group_size, interleaved, x);
+  if (x_col_stride == 1) {
+    x.source.resize(rows * row_bytes);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(x.source.data() + r * row_bytes, x_rows[r], row_bytes);
+    }
+    x.rows = rows;
+    x.K = K;
+    x.group_size = group_size;
+    x.interleaved = interleaved;
+    x.itemsize = sizeof(T);
+  } else {
+    x.rows = -1;
+  }
+  return x;
 }
 
 // One tile: COLUMNS weight rows x ROWS activation rows.
@@ -328,29 +431,8 @@ void int16_direct_dot(
     float* acc,
     int64_t ldacc) {
   static_assert(!std::is_same_v<T, float>, "float32 activations keep the exact float kernel");
-  Int16Activations& x = int16_activations();
-  const size_t row_bytes = static_cast<size_t>(K) * sizeof(T);
-  bool cached = x_col_stride == 1 && x.rows == num_rows && x.K == K && x.group_size == q.group_size &&
-      x.bits == q.bits && x.itemsize == sizeof(T);
-  for (int64_t r = 0; cached && r < num_rows; ++r) {
-    cached = std::memcmp(x.source.data() + r * row_bytes, x_rows[r], row_bytes) == 0;
-  }
-  if (!cached) {
-    round_activations<T>(x_rows, x_col_stride, num_rows, K, q.group_size, q.bits, x);
-    if (x_col_stride == 1) {
-      x.source.resize(num_rows * row_bytes);
-      for (int64_t r = 0; r < num_rows; ++r) {
-        std::memcpy(x.source.data() + r * row_bytes, x_rows[r], row_bytes);
-      }
-      x.rows = num_rows;
-      x.K = K;
-      x.group_size = q.group_size;
-      x.bits = q.bits;
-      x.itemsize = sizeof(T);
-    } else {
-      x.rows = -1;
-    }
-  }
+  const Int16Activations& x =
+      prepared_int16_activations<T>(x_rows, x_col_stride, num_rows, K, q.group_size, q.bits == 4);
   if (q.bits == 4) {
     int16_direct_format<4, T>(w, columns, x, num_rows, K, q.group_size, acc, ldacc);
   } else {
