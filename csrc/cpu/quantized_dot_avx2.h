@@ -87,10 +87,27 @@ inline __m256 load8_as_float(const T* p) {
   }
 }
 
-// One contiguous row in natural order, 8 lanes at a time (the many-rows
-// GEMM rounds every row of every task, so this must stay cheap).
-template <typename T>
-void round_row_natural(const T* x, int64_t K, int group_size, int16_t* values, float* scales, float* sums) {
+// (The kernels round the rows of every task they are given, so this must
+// stay cheap.)
+// Within each 32-element block, [16 even elements | 16 odd elements] (the
+// order of a 4-bit row's low and high nibbles), from two registers holding
+// elements 0-15 and 16-31 in natural order.
+inline void split_even_odd(__m256i& low, __m256i& high) {
+  // Per 128-bit lane: the 4 even int16 into the low 8 bytes, the odd ones
+  // into the high 8; then the lanes' halves regrouped.
+  const __m256i gather = _mm256_setr_epi8(
+      0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+      0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  const __m256i a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(low, gather), 0xD8);
+  const __m256i b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(high, gather), 0xD8);
+  low = _mm256_permute2x128_si256(a, b, 0x20);  // evens of 0-15, evens of 16-31
+  high = _mm256_permute2x128_si256(a, b, 0x31); // odds
+}
+
+// One contiguous row, 8 lanes at a time; INTERLEAVED: the 4-bit order
+// (split_even_odd) instead of the natural one.
+template <typename T, bool INTERLEAVED>
+void round_row(const T* x, int64_t K, int group_size, int16_t* values, float* scales, float* sums) {
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   float group[128];
   for (int64_t g = 0; g < K / group_size; ++g) {
@@ -115,13 +132,21 @@ void round_row_natural(const T* x, int64_t K, int group_size, int16_t* values, f
     scales[g] = scale;
     const __m256 factor = _mm256_set1_ps(inverse);
     __m256i rounded_total = _mm256_setzero_si256();
+    __m256i packed[2];
     for (int j = 0; j < group_size; j += 16) {
       const __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(group + j), factor));
       const __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(group + j + 8), factor));
       rounded_total = _mm256_add_epi32(rounded_total, _mm256_add_epi32(low, high));
       // packs works per 128-bit half: restore the element order.
-      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + g * group_size + j), packed);
+      packed[(j / 16) % 2] = _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8);
+      if (j % 32 == 16) {
+        if constexpr (INTERLEAVED) {
+          split_even_odd(packed[0], packed[1]);
+        }
+        int16_t* dst = values + g * group_size + j - 16;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), packed[0]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), packed[1]);
+      }
     }
     int32_t lanes_total[8];
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes_total), rounded_total);
@@ -143,10 +168,10 @@ void round_activations(
   s.sums.resize(rows * groups);
   float group[128];
   for (int64_t r = 0; r < rows; ++r) {
-    if (!interleaved && x_col_stride == 1) {
-      round_row_natural<T>(
-          x_rows[r], K, group_size, s.values.data() + r * K, s.scales.data() + r * groups,
-          s.sums.data() + r * groups);
+    if (x_col_stride == 1) {
+      auto* round = interleaved ? round_row<T, true> : round_row<T, false>;
+      round(x_rows[r], K, group_size, s.values.data() + r * K, s.scales.data() + r * groups,
+            s.sums.data() + r * groups);
       continue;
     }
     for (int64_t g = 0; g < groups; ++g) {
