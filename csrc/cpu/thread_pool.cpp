@@ -90,6 +90,10 @@ void ThreadPool::worker_loop(int thread_index) {
       for (int i = 0; i < 64; ++i) {
         cpu_relax();
       }
+      // Let a runnable thread on this core (Python building the next
+      // graph, MLX's scheduler) go first: on few cores a pure spin would
+      // delay the very work the next job waits for.
+      std::this_thread::yield();
     }
     if (generation_.load(std::memory_order_acquire) == seen) {
       std::unique_lock<std::mutex> lock(sleep_mutex_);
@@ -101,8 +105,16 @@ void ThreadPool::worker_loop(int thread_index) {
       return;
     }
     seen = generation_.load(std::memory_order_acquire);
-    run_share(thread_index);
-    busy_workers_.fetch_sub(1, std::memory_order_acq_rel);
+    // Join, then check the job is still open (both sequentially consistent
+    // with the caller's close-then-count): either the caller sees us and
+    // waits, or we see it closed and leave. A worker the OS has not run
+    // yet (two cores shared with MLX's and Python's threads) thus never
+    // holds the caller up; the caller takes its tasks instead.
+    joined_workers_.fetch_add(1);
+    if (!closed_.load()) {
+      run_share(thread_index);
+    }
+    joined_workers_.fetch_sub(1);
   }
 }
 
@@ -121,7 +133,7 @@ void ThreadPool::parallel_for(int64_t num_tasks, const std::function<void(int64_
   num_tasks_ = num_tasks;
   error_ = nullptr;
   next_task_.store(0, std::memory_order_relaxed);
-  busy_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+  closed_.store(false);
   {
     // Under the mutex so that a worker between its check and its wait
     // cannot miss the notification.
@@ -130,7 +142,8 @@ void ThreadPool::parallel_for(int64_t num_tasks, const std::function<void(int64_
   }
   wake_.notify_all();
   run_share(0);
-  while (busy_workers_.load(std::memory_order_acquire) != 0) {
+  closed_.store(true);
+  while (joined_workers_.load() != 0) {
     cpu_relax();
   }
   task_ = nullptr;

@@ -55,7 +55,11 @@ class ThreadPool {
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> stopping_{false};
-  std::atomic<int> busy_workers_{0};
+  // Workers inside the current job; the caller waits for these only.
+  std::atomic<int> joined_workers_{0};
+  // Set by the caller once every task is taken: a worker that arrives
+  // later leaves without touching the job.
+  std::atomic<bool> closed_{true};
 
   // The current job.
   const std::function<void(int64_t, int)>* task_ = nullptr;
