@@ -22,6 +22,7 @@
 #endif
 #include "cpu/quantized_dot_avx2.h"
 #include "cpu/quantized_gemm_avx2.h"
+#include "cpu/quantized_dot_int8_avx2.h"
 
 namespace mlx_moe::cpu {
 namespace {
@@ -42,8 +43,10 @@ constexpr int64_t kInt16DirectRowLimit = 8;
 // The kernels that multiply the packed codes without a dequantized copy:
 // true when one ran, false when the caller must dequantize. Few rows: the
 // AVX-512 BF16 one where it applies, the AVX2 integer one, else the generic
-// one. Many rows: the AVX2 integer GEMM in the AVX2 build (the AVX-512
-// build's BF16 dot engine on dequantized blocks is as fast there).
+// one (in the AVX2 build, 4-bit codes with bfloat16 activations: the 8-bit
+// activation kernel of quantized_dot_int8_avx2.h). Many rows: the AVX2
+// integer GEMM in the AVX2 build (the AVX-512 build's BF16 dot engine on
+// dequantized blocks is as fast there).
 template <typename T>
 bool direct_quantized_dot(
     const QuantizedMatrices& q,
@@ -70,6 +73,14 @@ bool direct_quantized_dot(
   (void)following, (void)following_count;
 #if defined(MLX_MOE_SIMD_AVX2)
   if constexpr (!std::is_same_v<T, float>) {
+#if !defined(MLX_MOE_DOT_BF16)
+    if constexpr (std::is_same_v<T, BFloat16Bits>) {
+      if (x_col_stride == 1 && num_rows <= kInt16DirectRowLimit && int8_direct_supports<T>(q)) {
+        int8_direct_dot(q, w, columns, x_rows, num_rows, K, acc, ldacc);
+        return true;
+      }
+    }
+#endif
     if (int16_direct_supports(q)) {
       if (num_rows <= kInt16DirectRowLimit) {
         int16_direct_dot<T>(q, w, columns, x_rows, x_col_stride, num_rows, K, acc, ldacc);
