@@ -49,6 +49,7 @@ from mlx_moe_kernels.models.base import (
     stack_per_expert,
     split_fused_experts,
 )
+from mlx_moe_kernels.sharding import Shardable
 
 
 @dataclass
@@ -164,7 +165,7 @@ class Qwen2MoeModel(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
+class Model(nn.Module, Shardable):
     """Qwen2-MoE causal language model: ``__call__(tokens [B, L], cache)``
     returns logits ``[B, L, vocab]``."""
 

@@ -48,6 +48,7 @@ from mlx_moe_kernels.models.base import (
     stack_per_expert,
     split_fused_experts,
 )
+from mlx_moe_kernels.sharding import Shardable
 
 
 @dataclass
@@ -158,7 +159,7 @@ class Qwen3MoeModel(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
+class Model(nn.Module, Shardable):
     """Qwen3-MoE causal language model: ``__call__(tokens [B, L], cache)``
     returns logits ``[B, L, vocab]``."""
 

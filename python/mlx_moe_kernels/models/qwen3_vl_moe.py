@@ -32,6 +32,7 @@ import mlx.nn as nn
 
 from mlx_moe_kernels.models import qwen3_moe
 from mlx_moe_kernels.models.base import BaseModelArgs
+from mlx_moe_kernels.sharding import Shardable
 
 
 @dataclass
@@ -54,7 +55,7 @@ class ModelArgs(BaseModelArgs):
         return qwen3_moe.ModelArgs.from_dict(text)
 
 
-class Model(nn.Module):
+class Model(nn.Module, Shardable):
     """Text-only Qwen3-VL-MoE: the Qwen3-MoE language model of a
     Qwen3-VL-MoE checkpoint, vision tower dropped. ``__call__(tokens [B, L],
     cache)`` returns logits ``[B, L, vocab]``. Parameters live under

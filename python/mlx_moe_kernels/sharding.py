@@ -1,0 +1,231 @@
+"""Our models sharded over ``mx.distributed`` (MLX's own engine: the ring
+backend over TCP, MPI, JACCL over Thunderbolt), launched with ``mlx.launch``.
+
+Tensor parallelism, as far as it goes today:
+
+- experts ``"tensor"``: every rank keeps ``H / n`` of every expert's hidden
+  dimension (gate/up rows, down columns; Qwen2-MoE's shared expert and the
+  dense MLP layers alike). A rank's MoE block then returns a partial sum of
+  the block's output, routing scores and the shared expert's sigmoid gate
+  already applied (both are replicated and act per token, so they commute
+  with the sum), and one ``all_sum`` of ``[T, D]`` per block completes it.
+- attention ``"tensor"``: heads split across ranks (query heads and KV
+  heads both divisible by ``n``), ``o_proj``'s input columns with them, one
+  ``all_sum`` after ``o_proj``; ``"replicate"``: every rank runs the whole
+  attention (no collective: better on slow links).
+
+Not built yet (see the README): expert parallelism, pipeline stages and
+loading only a rank's slices from the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+EXPERT_MODES = ("tensor",)
+ATTENTION_MODES = ("tensor", "replicate")
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    """The decoder of a model (Qwen3-VL-MoE keeps it in ``language_model``)."""
+    return model.language_model if "language_model" in model else model
+
+
+def _copy(array: mx.array) -> mx.array:
+    """An owned copy of a slice (an identity elementwise op writes a new
+    buffer), so the full array can be freed: a slice of a row-major array
+    would otherwise be a view keeping all of it alive."""
+    if mx.issubdtype(array.dtype, mx.floating):
+        return array * mx.array(1, dtype=array.dtype)
+    return array + mx.array(0, dtype=array.dtype)
+
+
+def _packed_columns(layer: nn.Module, count: int, what: str) -> int:
+    """How many stored weight columns hold ``count`` input features."""
+    bits = getattr(layer, "bits", None)
+    if bits is None:
+        return count
+    group_size = layer.group_size
+    if count % group_size or (count * bits) % 32:
+        raise ValueError(
+            f"cannot shard {what}: a rank's {count} input features are not a multiple of the "
+            f"quantization group size {group_size}"
+        )
+    return count * bits // 32
+
+
+def _slice_outputs(layer: nn.Module, start: int, stop: int) -> None:
+    """Keep output features ``[start, stop)`` of a (quantized, switch) linear
+    layer: rows of weight, scales, biases (axis -2) and of bias (axis -1)."""
+    update = {}
+    for name in ("weight", "scales", "biases"):
+        if name in layer and layer[name] is not None:
+            update[name] = _copy(layer[name][..., start:stop, :])
+    if "bias" in layer:
+        update["bias"] = _copy(layer["bias"][..., start:stop])
+    layer.update(update)
+
+
+def _slice_inputs(layer: nn.Module, start: int, stop: int, rank: int, what: str) -> None:
+    """Keep input features ``[start, stop)``: weight columns (packed for a
+    quantized layer), the matching scale/bias groups. An output bias is kept
+    on rank 0 only (the all_sum adds it once)."""
+    update = {}
+    weight_start = _packed_columns(layer, start, what)
+    weight_stop = _packed_columns(layer, stop, what)
+    update["weight"] = _copy(layer["weight"][..., weight_start:weight_stop])
+    if getattr(layer, "bits", None) is not None:
+        group_size = layer.group_size
+        for name in ("scales", "biases"):
+            if name in layer and layer[name] is not None:
+                update[name] = _copy(layer[name][..., start // group_size: stop // group_size])
+    if "bias" in layer and rank != 0:
+        update["bias"] = mx.zeros_like(layer["bias"])
+    layer.update(update)
+
+
+def _share(total: int, size: int, rank: int, what: str):
+    if total % size:
+        raise ValueError(f"cannot shard {what}: {total} is not divisible by the group size {size}")
+    part = total // size
+    return rank * part, (rank + 1) * part
+
+
+def _sum_outputs(module: nn.Module, group) -> None:
+    """Make ``module``'s calls return the all_sum of its output over ``group``
+    (its class swapped for a subclass, so parameter paths stay the same)."""
+    base = type(module)
+    summed = _SUMMED_CLASSES.get(base)
+    if summed is None:
+        def __call__(self, *args, **kwargs):
+            return mx.distributed.all_sum(base.__call__(self, *args, **kwargs), group=self._shard_group)
+
+        summed = type(f"Summed{base.__name__}", (base,), {"__call__": __call__, "__doc__": base.__doc__})
+        _SUMMED_CLASSES[base] = summed
+    module.__class__ = summed
+    module._shard_group = group
+
+
+_SUMMED_CLASSES = {}
+
+
+def _shard_swiglu(gate: nn.Module, up: nn.Module, down: nn.Module, hidden: int, size: int, rank: int,
+                  what: str) -> None:
+    start, stop = _share(hidden, size, rank, f"{what} (hidden size)")
+    _slice_outputs(gate, start, stop)
+    _slice_outputs(up, start, stop)
+    _slice_inputs(down, start, stop, rank, f"{what} down projection")
+
+
+def _shard_mlp(mlp: nn.Module, size: int, rank: int, what: str) -> None:
+    """Tensor-parallel slices of a sparse MoE block or a dense SwiGLU MLP."""
+    if "switch_mlp" in mlp:
+        experts = mlp.switch_mlp
+        hidden = _input_features(experts.down_proj)
+        _shard_swiglu(experts.gate_proj, experts.up_proj, experts.down_proj, hidden, size, rank, f"{what} experts")
+        if "shared_expert" in mlp:
+            shared = mlp.shared_expert
+            _shard_swiglu(shared.gate_proj, shared.up_proj, shared.down_proj, _input_features(shared.down_proj),
+                          size, rank, f"{what} shared expert")
+    else:
+        _shard_swiglu(mlp.gate_proj, mlp.up_proj, mlp.down_proj, _input_features(mlp.down_proj), size, rank,
+                      f"{what} MLP")
+
+
+def _input_features(layer: nn.Module) -> int:
+    columns = layer["weight"].shape[-1]
+    bits = getattr(layer, "bits", None)
+    return columns if bits is None else columns * 32 // bits
+
+
+def _shard_attention(attention: nn.Module, size: int, rank: int, what: str) -> None:
+    heads, kv_heads = attention.num_heads, attention.num_kv_heads
+    if heads % size or kv_heads % size:
+        raise ValueError(
+            f"cannot shard {what} by heads: {heads} query heads and {kv_heads} KV heads must both be "
+            f"divisible by the group size {size} (use attention='replicate')"
+        )
+    head_dim = _input_features(attention.o_proj) // heads
+    _slice_outputs(attention.q_proj, *(head_dim * b for b in _share(heads, size, rank, what)))
+    kv = _share(kv_heads, size, rank, what)
+    _slice_outputs(attention.k_proj, head_dim * kv[0], head_dim * kv[1])
+    _slice_outputs(attention.v_proj, head_dim * kv[0], head_dim * kv[1])
+    start, stop = _share(heads, size, rank, what)
+    _slice_inputs(attention.o_proj, start * head_dim, stop * head_dim, rank, f"{what} o_proj")
+    attention.num_heads = heads // size
+    attention.num_kv_heads = kv_heads // size
+
+
+def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None, *, experts: str = "tensor",
+                attention: str = "replicate") -> nn.Module:
+    """Shard ``model`` (one of our Qwen2-MoE / Qwen3-MoE / Qwen3-VL-MoE
+    models, float or quantized) in place over ``group`` (default:
+    ``mx.distributed.init()``) and return it; see the module docstring for
+    the modes. Every rank must call it with the same arguments, then run the
+    same inputs; every rank gets the full output.
+
+    Raises:
+        ValueError: An unknown mode, or a dimension (expert hidden size,
+            heads) not divisible by the group size or not a multiple of the
+            quantization group size per rank, naming it. Nothing is
+            changed when it raises (all checks run before any slicing).
+    """
+    if experts not in EXPERT_MODES:
+        raise ValueError(f"experts must be one of {EXPERT_MODES} (expert parallelism is not built yet), got {experts!r}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    group = group if group is not None else mx.distributed.init()
+    size, rank = group.size(), group.rank()
+    if size == 1:
+        return model
+    layers = _language_model(model).layers
+    # Dry run on every rank first so a bad setup raises before any change
+    # (and on every rank alike: no rank is left waiting in a collective).
+    for index, layer in enumerate(layers):
+        _check_layer(layer, size, attention, f"layer {index}")
+    for index, layer in enumerate(layers):
+        if attention == "tensor":
+            _shard_attention(layer.self_attn, size, rank, f"layer {index} attention")
+            _sum_outputs(layer.self_attn, group)
+        _shard_mlp(layer.mlp, size, rank, f"layer {index}")
+        _sum_outputs(layer.mlp, group)
+    mx.eval(model.parameters())
+    return model
+
+
+def _check_layer(layer: nn.Module, size: int, attention: str, what: str) -> None:
+    """The divisibility checks of one layer, without changing it."""
+    mlp = layer.mlp
+    pairs = []
+    if "switch_mlp" in mlp:
+        pairs.append((mlp.switch_mlp.down_proj, f"{what} experts"))
+        if "shared_expert" in mlp:
+            pairs.append((mlp.shared_expert.down_proj, f"{what} shared expert"))
+    else:
+        pairs.append((mlp.down_proj, f"{what} MLP"))
+    for down, name in pairs:
+        hidden = _input_features(down)
+        start, stop = _share(hidden, size, 0, f"{name} (hidden size {hidden})")
+        _packed_columns(down, stop - start, f"{name} down projection")
+    if attention == "tensor":
+        attn = layer.self_attn
+        if attn.num_heads % size or attn.num_kv_heads % size:
+            raise ValueError(
+                f"cannot shard {what} attention by heads: {attn.num_heads} query heads and "
+                f"{attn.num_kv_heads} KV heads must both be divisible by the group size {size} "
+                "(use attention='replicate')"
+            )
+        head_dim = _input_features(attn.o_proj) // attn.num_heads
+        _packed_columns(attn.o_proj, head_dim * attn.num_heads // size, f"{what} o_proj")
+
+
+class Shardable:
+    """Mixin of our models' ``Model`` classes: ``model.shard(...)``."""
+
+    def shard(self, group: Optional[mx.distributed.Group] = None, *, experts: str = "tensor",
+              attention: str = "replicate"):
+        """:func:`shard_model` on this model; returns it."""
+        return shard_model(self, group, experts=experts, attention=attention)
