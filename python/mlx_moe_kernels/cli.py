@@ -371,6 +371,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--huge-pages", action="store_true",
         help="back the weights with transparent huge pages after loading (Linux; faster CPU decoding)",
     )
+    generate_parser.add_argument(
+        "--shard", choices=["tensor"],
+        help="run sharded over mx.distributed (start it with mlx.launch; see the README's "
+        "'Across machines'): 'tensor' splits every expert's hidden size across the ranks",
+    )
+    generate_parser.add_argument(
+        "--shard-attention", choices=["replicate", "tensor"], default="replicate",
+        help="with --shard: every rank runs the whole attention (default), or heads split across ranks",
+    )
     generate_parser.set_defaults(handler=_run_generate, command_parser=generate_parser)
     return parser
 
@@ -437,6 +446,16 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                 model, config, group_size=args.group_size, bits=args.bits, mode=args.quant_mode or "affine"
             )
             print(f"[quantized on the fly: {_quant_summary(config['quantization'])}]")
+        rank = 0
+        if args.shard:
+            if args.compare:
+                raise ValueError("--compare is not supported with --shard")
+            group = mx.distributed.init()
+            rank = group.rank()
+            model.shard(group, experts=args.shard, attention=args.shard_attention)
+            if rank == 0:
+                print(f"[sharded: experts {args.shard}, attention {args.shard_attention}, "
+                      f"{group.size()} ranks]")
         if args.huge_pages:
             from mlx_moe_kernels.memory import use_huge_pages
 
@@ -451,6 +470,9 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     options = dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, eos_ids=eos_ids)
 
     def run(which, label, echo):
+        # Sharded: every rank computes (and samples with the same seed from
+        # the same all-summed logits); rank 0 prints.
+        echo = echo and rank == 0
         mx.random.seed(args.seed)
         last = None
         for chunk in stream_generate(which, tokenizer, prompt, **options):
@@ -459,13 +481,16 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             last = chunk
         if echo:
             print()
+        if rank != 0:
+            return
         print(
             f"{label}: prompt {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s; "
             f"generation {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s"
             f" ({last.finish_reason})"
         )
 
-    print(args.prompt, end="", flush=True)
+    if rank == 0:
+        print(args.prompt, end="", flush=True)
     run(model, "ours", echo=True)
     if args.compare:
         stock, description = _stock_model(model, config)
