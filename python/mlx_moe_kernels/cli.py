@@ -445,6 +445,9 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             config = quantize_model(
                 model, config, group_size=args.group_size, bits=args.bits, mode=args.quant_mode or "affine"
             )
+            # Quantize now, not inside the first prompt (its speed would
+            # include the quantization).
+            mx.eval(model.parameters())
             print(f"[quantized on the fly: {_quant_summary(config['quantization'])}]")
         rank = 0
         if args.shard:
