@@ -453,12 +453,19 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if args.shard:
             if args.compare:
                 raise ValueError("--compare is not supported with --shard")
+            from mlx.utils import tree_flatten
+
+            def weight_bytes():
+                return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
             group = mx.distributed.init()
             rank = group.rank()
+            whole = weight_bytes()
             model.shard(group, experts=args.shard, attention=args.shard_attention)
             if rank == 0:
                 print(f"[sharded: experts {args.shard}, attention {args.shard_attention}, "
-                      f"{group.size()} ranks]")
+                      f"{group.size()} ranks; rank 0 holds {weight_bytes() / 1e6:.0f} of "
+                      f"{whole / 1e6:.0f} MB of weights]")
         if args.huge_pages:
             from mlx_moe_kernels.memory import use_huge_pages
 
