@@ -464,8 +464,8 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             model.shard(group, experts=args.shard, attention=args.shard_attention)
             if rank == 0:
                 print(f"[sharded: experts {args.shard}, attention {args.shard_attention}, "
-                      f"{group.size()} ranks; rank 0 holds {weight_bytes() / 1e6:.0f} of "
-                      f"{whole / 1e6:.0f} MB of weights]")
+                      f"{group.size()} ranks; rank 0 holds {weight_bytes() / 1e6:.1f} of "
+                      f"{whole / 1e6:.1f} MB of weights]")
         if args.huge_pages:
             from mlx_moe_kernels.memory import use_huge_pages
 
