@@ -1,4 +1,4 @@
-"""``model.shard`` over ``mx.distributed``: 2 and 4 local ranks on the ring
+"""``model.shard`` and ``model.pipeline`` over ``mx.distributed``: 2 to 4 local ranks on the ring
 backend, started with ``mlx.launch`` (each rank runs
 ``tests/distributed/shard_check.py``). Sharded logits must equal the
 single-process model's within the format's tolerance (float32 greedy
@@ -70,6 +70,18 @@ def test_four_ranks_tensor_parallel(arch):
         assert result["max_error"] <= result["tolerance"] and result["tokens_equal"], result
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "qwen3_vl_moe"])
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "q4"])
+def test_two_ranks_pipeline(arch, fmt):
+    """Each layer runs unchanged on one rank: logits and greedy tokens equal
+    the unsharded model's exactly; each rank holds only its layers."""
+    results = launch(2, arch, fmt, "pipeline", "-")
+    for result in results:
+        assert "error" not in result, result
+        assert result["max_error"] == 0.0 and result["tokens_equal"], result
+        assert result["layers"] == 1 and result["bytes_after"] < result["bytes_before"], result
+
+
 def test_bad_setup_fails_on_every_rank():
     """3 ranks cannot split a hidden size of 128: every rank raises the same
     error naming the dimension, before anything changed, and the launch
@@ -78,3 +90,5 @@ def test_bad_setup_fails_on_every_rank():
     assert all("hidden size 128" in r["error"] and "group size 3" in r["error"] for r in results), results
     results = launch(2, "qwen3_moe", "q4", "expert", "replicate")
     assert all("experts must be one of" in r["error"] for r in results), results
+    results = launch(3, "qwen3_moe", "float32", "pipeline", "-")
+    assert all("cannot split 2 decoder layers into 3" in r["error"] for r in results), results

@@ -372,9 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="back the weights with transparent huge pages after loading (Linux; faster CPU decoding)",
     )
     generate_parser.add_argument(
-        "--shard", choices=["tensor"],
+        "--shard", choices=["tensor", "pipeline"],
         help="run sharded over mx.distributed (start it with mlx.launch; see the README's "
-        "'Across machines'): 'tensor' splits every expert's hidden size across the ranks",
+        "'Across machines'): 'tensor' splits every expert's hidden size across the ranks, "
+        "'pipeline' the decoder layers into one stage per rank",
     )
     generate_parser.add_argument(
         "--shard-attention", choices=["replicate", "tensor"], default="replicate",
@@ -461,9 +462,14 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             group = mx.distributed.init()
             rank = group.rank()
             whole = weight_bytes()
-            model.shard(group, experts=args.shard, attention=args.shard_attention)
+            if args.shard == "pipeline":
+                model.pipeline(group)
+                layout = "pipeline stages"
+            else:
+                model.shard(group, experts=args.shard, attention=args.shard_attention)
+                layout = f"experts {args.shard}, attention {args.shard_attention}"
             if rank == 0:
-                print(f"[sharded: experts {args.shard}, attention {args.shard_attention}, "
+                print(f"[sharded: {layout}, "
                       f"{group.size()} ranks; rank 0 holds {weight_bytes() / 1e6:.1f} of "
                       f"{whole / 1e6:.1f} MB of weights]")
         if args.huge_pages:

@@ -14,8 +14,16 @@ Tensor parallelism, as far as it goes today:
   ``all_sum`` after ``o_proj``; ``"replicate"``: every rank runs the whole
   attention (no collective: better on slow links).
 
-Not built yet (see the README): expert parallelism, pipeline stages and
-loading only a rank's slices from the checkpoint.
+Pipeline parallelism (``model.pipeline(group)``): the decoder layers split
+into ``n`` contiguous stages, one per rank (each rank keeps only its
+layers); a rank receives the hidden state from the previous rank, runs its
+layers and sends the result to the next (``send`` / ``recv`` reach
+neighbours only on the ring backend, which is all a pipeline needs), and
+the last stage's output is then shared with every rank by one ``all_sum``
+(the other ranks add zeros), so every rank computes the same logits.
+
+Not built yet (see the README): expert parallelism and loading only a
+rank's slices from the checkpoint.
 """
 
 from __future__ import annotations
@@ -181,6 +189,8 @@ def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None, 
     size, rank = group.size(), group.rank()
     if size == 1:
         return model
+    if getattr(_language_model(model).model, "_pipeline_stage", None) is not None:
+        raise ValueError("the model is pipelined; shard a fresh one")
     layers = _language_model(model).layers
     # Dry run on every rank first so a bad setup raises before any change
     # (and on every rank alike: no rank is left waiting in a collective).
@@ -222,8 +232,68 @@ def _check_layer(layer: nn.Module, size: int, attention: str, what: str) -> None
         _packed_columns(attn.o_proj, head_dim * attn.num_heads // size, f"{what} o_proj")
 
 
+class _Stage:
+    """This rank's pipeline stage (a plain object: nn.Module would take a
+    tuple attribute for a child)."""
+
+    def __init__(self, group, rank: int, size: int):
+        self.group, self.rank, self.size = group, rank, size
+
+
+def pipeline_model(model: nn.Module, group: Optional[mx.distributed.Group] = None) -> nn.Module:
+    """Split ``model``'s decoder layers into contiguous pipeline stages over
+    ``group`` (default: ``mx.distributed.init()``), in place: rank ``r``
+    keeps stage ``r`` (the first ``L % n`` ranks one layer more), the
+    embedding, final norm and head stay on every rank. Returns ``model``.
+
+    Raises:
+        ValueError: fewer layers than ranks, or a model already sharded.
+    """
+    group = group if group is not None else mx.distributed.init()
+    size, rank = group.size(), group.rank()
+    if size == 1:
+        return model
+    decoder = _language_model(model).model
+    layers = decoder.layers
+    if getattr(decoder, "_pipeline_stage", None) is not None or any(
+        hasattr(layer.mlp, "_shard_group") for layer in layers
+    ):
+        raise ValueError("the model is already sharded or pipelined; build a fresh one")
+    if len(layers) < size:
+        raise ValueError(f"cannot split {len(layers)} decoder layers into {size} pipeline stages")
+    base, extra = divmod(len(layers), size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    decoder.layers = layers[start:stop]
+    decoder._pipeline_stage = _Stage(group, rank, size)
+    return model
+
+
+def run_layers(decoder: nn.Module, h: mx.array, mask, cache) -> mx.array:
+    """The decoder layers over ``h`` (with their caches): all of them, or,
+    pipelined, this rank's stage between the receive from the previous rank
+    and the send to the next, the last stage's result shared by all."""
+    stage = getattr(decoder, "_pipeline_stage", None)
+    if stage is not None and stage.rank > 0:
+        h = mx.distributed.recv_like(h, stage.rank - 1, group=stage.group)
+    for layer, layer_cache in zip(decoder.layers, cache):
+        h = layer(h, mask, layer_cache)
+    if stage is None:
+        return h
+    if stage.rank < stage.size - 1:
+        sent = mx.distributed.send(h, stage.rank + 1, group=stage.group)
+        # Zeros that still depend on the send, so evaluating them sends.
+        h = mx.where(mx.array(False), sent, mx.zeros_like(sent))
+    return mx.distributed.all_sum(h, group=stage.group)
+
+
 class Shardable:
-    """Mixin of our models' ``Model`` classes: ``model.shard(...)``."""
+    """Mixin of our models' ``Model`` classes: ``model.shard(...)``,
+    ``model.pipeline(...)``."""
+
+    def pipeline(self, group: Optional[mx.distributed.Group] = None):
+        """:func:`pipeline_model` on this model; returns it."""
+        return pipeline_model(self, group)
 
     def shard(self, group: Optional[mx.distributed.Group] = None, *, experts: str = "tensor",
               attention: str = "replicate"):

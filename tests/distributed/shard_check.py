@@ -4,7 +4,9 @@ with ``model.shard(...)``, and compares. Prints one ``RESULT {json}`` line
 per rank; ``tests/test_sharding.py`` launches it and checks the lines.
 
 Usage: shard_check.py ARCH FORMAT EXPERTS ATTENTION
-  ARCH: qwen2_moe | qwen3_moe | qwen3_vl_moe; FORMAT: float32 | bfloat16 | q4
+  ARCH: qwen2_moe | qwen3_moe | qwen3_vl_moe; FORMAT: float32 | bfloat16 | q4;
+  EXPERTS: a ``shard`` mode, or "pipeline" for ``model.pipeline`` (then
+  ATTENTION is ignored)
 """
 
 from __future__ import annotations
@@ -116,9 +118,13 @@ def main() -> None:
     reference = model(TOKENS)
     records = block_inputs(model)
     tokens_reference = greedy(model) if fmt != "bfloat16" else None
+    greedy_reference = greedy(model) if tokens_reference is None and experts == "pipeline" else None
     result["bytes_before"] = resident_bytes(model)
     try:
-        model.shard(group, experts=experts, attention=attention)
+        if experts == "pipeline":
+            model.pipeline(group)
+        else:
+            model.shard(group, experts=experts, attention=attention)
     except ValueError as error:
         result["error"] = str(error)
         print("RESULT " + json.dumps(result), flush=True)
@@ -126,6 +132,14 @@ def main() -> None:
     result["bytes_after"] = resident_bytes(model)
     # Each block on the unsharded run's inputs: the sharded block must give
     # the same output within the format's tolerance.
+    if experts == "pipeline":
+        # Every layer runs unchanged on one rank: the logits must be the
+        # unsharded ones exactly, in every format.
+        result["layers"] = len(layers_of(model))
+        result["max_error"] = relative_error(model(TOKENS), reference)
+        result["tokens_equal"] = greedy(model) == (tokens_reference or greedy_reference)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
     errors = []
     for layer, (attention_in, attention_out, mlp_in, mlp_out) in zip(layers_of(model), records):
         errors.append(relative_error(layer.self_attn(attention_in, mask="causal"), attention_out))

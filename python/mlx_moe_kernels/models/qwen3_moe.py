@@ -48,7 +48,7 @@ from mlx_moe_kernels.models.base import (
     stack_per_expert,
     split_fused_experts,
 )
-from mlx_moe_kernels.sharding import Shardable
+from mlx_moe_kernels.sharding import Shardable, run_layers
 
 
 @dataclass
@@ -154,8 +154,7 @@ class Qwen3MoeModel(nn.Module):
         h = self.embed_tokens(tokens)
         cache = cache if cache is not None else [None] * len(self.layers)
         mask = causal_mask(h.shape[1], cache)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, c)
+        h = run_layers(self, h, mask, cache)
         return self.norm(h)
 
 
