@@ -439,8 +439,21 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.temp < 0 or not 0.0 < args.top_p <= 1.0:
         parser.error("--temp must be >= 0 and --top-p in (0, 1]")
     try:
-        model, config = load_model(args.model, dtype=args.dtype)
-        if (args.bits, args.group_size, args.quant_mode) != (None, None, None):
+        rank = 0
+        group = None
+        if args.shard:
+            if args.compare:
+                raise ValueError("--compare is not supported with --shard")
+            group = mx.distributed.init()
+            rank = group.rank()
+        quantize_after_loading = (args.bits, args.group_size, args.quant_mode) != (None, None, None)
+        # Sharded while loading (only the rank's part is read), unless the
+        # model is quantized on the fly first.
+        shard_at_load = args.shard if not quantize_after_loading else None
+        model, config = load_model(
+            args.model, dtype=args.dtype, group=group, shard=shard_at_load, attention=args.shard_attention
+        )
+        if quantize_after_loading:
             if quantization_config(config) is not None:
                 raise ValueError(f"{args.model} is already quantized: drop --bits/--group-size/--quant-mode")
             config = quantize_model(
@@ -449,29 +462,19 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             # Quantize now, not inside the first prompt (its speed would
             # include the quantization).
             mx.eval(model.parameters())
-            print(f"[quantized on the fly: {_quant_summary(config['quantization'])}]")
-        rank = 0
-        if args.shard:
-            if args.compare:
-                raise ValueError("--compare is not supported with --shard")
-            from mlx.utils import tree_flatten
-
-            def weight_bytes():
-                return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-            group = mx.distributed.init()
-            rank = group.rank()
-            whole = weight_bytes()
+            if rank == 0:
+                print(f"[quantized on the fly: {_quant_summary(config['quantization'])}]")
             if args.shard == "pipeline":
                 model.pipeline(group)
-                layout = "pipeline stages"
-            else:
+            elif args.shard:
                 model.shard(group, experts=args.shard, attention=args.shard_attention)
-                layout = f"experts {args.shard}, attention {args.shard_attention}"
-            if rank == 0:
-                print(f"[sharded: {layout}, "
-                      f"{group.size()} ranks; rank 0 holds {weight_bytes() / 1e6:.1f} of "
-                      f"{whole / 1e6:.1f} MB of weights]")
+        if args.shard and rank == 0:
+            from mlx.utils import tree_flatten
+
+            layout = "pipeline stages" if args.shard == "pipeline" else (
+                f"experts {args.shard}, attention {args.shard_attention}")
+            held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+            print(f"[sharded: {layout}, {group.size()} ranks; rank 0 holds {held / 1e6:.1f} MB of weights]")
         if args.huge_pages:
             from mlx_moe_kernels.memory import use_huge_pages
 

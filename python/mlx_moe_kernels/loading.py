@@ -330,8 +330,17 @@ def _check_and_cast(
     return out
 
 
+SHARD_MODES = ("tensor", "pipeline")
+
+
 def load_model(
-    path: PathLike, *, dtype: Optional[Union[str, mx.Dtype]] = None, huge_pages: bool = False
+    path: PathLike,
+    *,
+    dtype: Optional[Union[str, mx.Dtype]] = None,
+    huge_pages: bool = False,
+    group: Optional[mx.distributed.Group] = None,
+    shard: Optional[str] = None,
+    attention: str = "replicate",
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Load the checkpoint folder ``path``; returns ``(model, config)``.
 
@@ -347,6 +356,16 @@ def load_model(
         huge_pages: Back the loaded weights with transparent huge pages
             (Linux; see :func:`mlx_moe_kernels.use_huge_pages`): faster
             decoding on the CPU for a one-time cost at load.
+        group: The ``mx.distributed`` group to shard over (default:
+            ``mx.distributed.init()``); used with ``shard``.
+        shard: ``None`` (the whole model), ``"tensor"``
+            (:func:`mlx_moe_kernels.sharding.shard_model` with experts
+            "tensor" and ``attention``) or ``"pipeline"``
+            (:func:`mlx_moe_kernels.sharding.pipeline_model`). The weights
+            are sharded before they are read: a pipeline stage reads only
+            its layers from the files; tensor parallelism reads a layer's
+            tensors one layer at a time and keeps the rank's slices.
+        attention: With ``shard="tensor"``: ``"replicate"`` or ``"tensor"``.
 
     Returns:
         The model, with every parameter from the checkpoint (evaluated), and
@@ -360,6 +379,8 @@ def load_model(
             their layer's settings), or expert tensors whose layout cannot be
             determined.
     """
+    if shard is not None and shard not in SHARD_MODES:
+        raise ValueError(f"shard must be one of {', '.join(SHARD_MODES)} or None (got {shard!r})")
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} (got {dtype!r})")
@@ -373,6 +394,14 @@ def load_model(
     weights = _check_and_cast(model, weights, dtype, quantized=quantization is not None)
     model.load_weights(list(weights.items()), strict=True)
     del weights
+    if shard is not None:
+        # Still lazy: only what the rank keeps is ever read.
+        from mlx_moe_kernels.sharding import pipeline_model, shard_model
+
+        if shard == "pipeline":
+            pipeline_model(model, group)
+        else:
+            shard_model(model, group, experts="tensor", attention=attention)
     mx.eval(model.parameters())
     if huge_pages:
         use_huge_pages(model)

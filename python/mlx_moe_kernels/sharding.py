@@ -202,7 +202,9 @@ def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None, 
             _sum_outputs(layer.self_attn, group)
         _shard_mlp(layer.mlp, size, rank, f"layer {index}")
         _sum_outputs(layer.mlp, group)
-    mx.eval(model.parameters())
+        # Layer by layer: a lazily loaded model then holds one layer's full
+        # tensors at a time, never the whole model.
+        mx.eval(layer.parameters())
     return model
 
 

@@ -83,6 +83,21 @@ def resident_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+SHARDED_EXPERT_PARTS = (".switch_mlp.", ".shared_expert.", ".mlp.gate_proj.", ".mlp.up_proj.", ".mlp.down_proj.")
+SHARDED_ATTENTION_PARTS = (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.")
+
+
+def expected_tensor_bytes(model, size: int, attention: str) -> float:
+    """The replicated parameters' bytes plus 1/size of the sharded ones'
+    (the expert / MLP projections; the attention ones with "tensor")."""
+    parts = SHARDED_EXPERT_PARTS + (SHARDED_ATTENTION_PARTS if attention == "tensor" else ())
+    total = 0.0
+    for path, value in tree_flatten(model.parameters()):
+        sharded = any(part in "." + path for part in parts) and ".gate.weight" not in path
+        total += value.nbytes / size if sharded else value.nbytes
+    return total
+
+
 def layers_of(model):
     return (model.language_model if "language_model" in model else model).layers
 
@@ -120,6 +135,8 @@ def main() -> None:
     tokens_reference = greedy(model) if fmt != "bfloat16" else None
     greedy_reference = greedy(model) if tokens_reference is None and experts == "pipeline" else None
     result["bytes_before"] = resident_bytes(model)
+    if experts != "pipeline":
+        result["bytes_expected"] = expected_tensor_bytes(model, group.size(), attention)
     try:
         if experts == "pipeline":
             model.pipeline(group)

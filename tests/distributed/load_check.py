@@ -1,0 +1,48 @@
+"""Run under ``mlx.launch``: ``load_model(path, shard=...)`` against the
+whole model on every rank. Prints one ``RESULT {json}`` line per rank with
+the largest logit difference and the peak memory of each load.
+
+Usage: load_check.py CHECKPOINT_DIR SHARD [ATTENTION]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_moe_kernels.loading import load_model
+
+TOKENS = mx.array([[3, 17, 9, 21, 5, 22, 8, 30]], dtype=mx.int32)
+
+
+def main() -> None:
+    path, shard = sys.argv[1:3]
+    attention = sys.argv[3] if len(sys.argv) > 3 else "replicate"
+    group = mx.distributed.init()
+    mx.reset_peak_memory()
+    whole, _ = load_model(path)
+    peak_whole = mx.get_peak_memory()
+    reference = whole(TOKENS).astype(mx.float32)
+    bytes_whole = sum(v.nbytes for _, v in tree_flatten(whole.parameters()))
+    del whole
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    model, _ = load_model(path, group=group, shard=shard, attention=attention)
+    peak_sharded = mx.get_peak_memory()
+    logits = model(TOKENS).astype(mx.float32)
+    result = {
+        "rank": group.rank(),
+        "max_error": float(mx.abs(logits - reference).max()) / max(1.0, float(mx.abs(reference).max())),
+        "peak_whole": peak_whole,
+        "peak_sharded": peak_sharded,
+        "bytes_whole": bytes_whole,
+        "bytes_sharded": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
