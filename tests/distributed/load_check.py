@@ -26,6 +26,7 @@ def main() -> None:
     whole, _ = load_model(path)
     peak_whole = mx.get_peak_memory()
     reference = whole(TOKENS).astype(mx.float32)
+    mx.eval(reference)  # (lazy, it would keep every weight of the whole model alive)
     bytes_whole = sum(v.nbytes for _, v in tree_flatten(whole.parameters()))
     del whole
     mx.clear_cache()
