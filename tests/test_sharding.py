@@ -93,6 +93,8 @@ def test_bad_setup_fails_on_every_rank():
     assert all("experts must be one of" in r["error"] for r in results), results
     results = launch(3, "qwen3_moe", "float32", "pipeline", "-")
     assert all("cannot split 2 decoder layers into 3" in r["error"] for r in results), results
+    results = launch(2, "qwen2_moe", "float32", "tensor-twice", "replicate")
+    assert all("already sharded" in r["error"] for r in results), results
 
 
 @pytest.mark.parametrize("shard, attention", [("pipeline", "replicate"), ("tensor", "replicate"), ("tensor", "tensor")])

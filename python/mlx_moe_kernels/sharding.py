@@ -192,6 +192,8 @@ def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None, 
     if getattr(_language_model(model).model, "_pipeline_stage", None) is not None:
         raise ValueError("the model is pipelined; shard a fresh one")
     layers = _language_model(model).layers
+    if any(hasattr(layer.mlp, "_shard_group") for layer in layers):
+        raise ValueError("the model is already sharded; shard a fresh one")
     # Dry run on every rank first so a bad setup raises before any change
     # (and on every rank alike: no rank is left waiting in a collective).
     for index, layer in enumerate(layers):

@@ -140,6 +140,9 @@ def main() -> None:
     try:
         if experts == "pipeline":
             model.pipeline(group)
+        elif experts == "tensor-twice":  # a second shard must be refused
+            model.shard(group, experts="tensor", attention=attention)
+            model.shard(group, experts="tensor", attention=attention)
         else:
             model.shard(group, experts=experts, attention=attention)
     except ValueError as error:
