@@ -112,3 +112,18 @@ def test_load_model_sharded(tmp_path, arch, shard, attention):
     for result in results:
         assert result["max_error"] <= 1e-4, result
         assert result["bytes_sharded"] < result["bytes_whole"], result
+
+
+@pytest.mark.parametrize("shard", ["pipeline", "tensor"])
+def test_load_model_sharded_missing_file(tmp_path, shard):
+    """A sharded checkpoint missing one of its safetensors files: every rank
+    raises, naming the file (none is left waiting in a collective)."""
+    from mlx_moe_kernels.models.tiny import write_tiny_checkpoint
+
+    folder = tmp_path / "broken"
+    write_tiny_checkpoint(folder, "qwen2_moe", sharded=True, seed=3)
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) > 1
+    files[-1].unlink()
+    results = launch(2, str(folder), shard, "expect-error", script=SCRIPT.parent / "load_check.py")
+    assert all(r["error"] and files[-1].name in r["error"] for r in results), results

@@ -2,7 +2,7 @@
 whole model on every rank. Prints one ``RESULT {json}`` line per rank with
 the largest logit difference and the peak memory of each load.
 
-Usage: load_check.py CHECKPOINT_DIR SHARD [ATTENTION]
+Usage: load_check.py CHECKPOINT_DIR SHARD [ATTENTION | expect-error]
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ def main() -> None:
     path, shard = sys.argv[1:3]
     attention = sys.argv[3] if len(sys.argv) > 3 else "replicate"
     group = mx.distributed.init()
+    if attention == "expect-error":
+        # A broken checkpoint: every rank must raise, naming the file.
+        try:
+            load_model(path, group=group, shard=shard)
+        except (FileNotFoundError, ValueError) as error:
+            print("RESULT " + json.dumps({"rank": group.rank(), "error": str(error)}), flush=True)
+            return
+        print("RESULT " + json.dumps({"rank": group.rank(), "error": None}), flush=True)
+        return
     mx.reset_peak_memory()
     whole, _ = load_model(path)
     peak_whole = mx.get_peak_memory()
