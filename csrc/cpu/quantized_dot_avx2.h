@@ -87,8 +87,45 @@ inline __m256 load8_as_float(const T* p) {
   }
 }
 
-// (The kernels round the rows of every task they are given, so this must
-// stay cheap.)
+// One weight group of a contiguous activation row as float32 in `group`
+// (32-byte aligned), with its largest magnitude and whether every value is
+// finite (max_ps drops NaN lanes, so finiteness is judged on the sum, which
+// every NaN or infinity reaches). Shared by the int16 and int8 rounding.
+struct GroupPeak {
+  float peak;
+  bool finite;
+};
+
+template <typename T>
+inline GroupPeak load_group(const T* x, int group_size, float* group) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 largest = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+  for (int j = 0; j < group_size; j += 8) {
+    const __m256 v = load8_as_float(x + j);
+    _mm256_store_ps(group + j, v);
+    largest = _mm256_max_ps(largest, _mm256_and_ps(v, magnitude));
+    total = _mm256_add_ps(total, v);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, largest);
+  float peak = 0.0f;
+  for (float lane : lanes) {
+    peak = std::max(peak, lane);
+  }
+  return {peak, std::isfinite(horizontal_sum8(total)) && std::isfinite(peak)};
+}
+
+// The sum of 8 int32 lanes, in int64.
+inline int64_t lane_sum(__m256i v) {
+  int32_t lanes[8];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), v);
+  int64_t sum = 0;
+  for (int32_t lane : lanes) {
+    sum += lane;
+  }
+  return sum;
+}
+
 // Within each 32-element block, [16 even elements | 16 odd elements] (the
 // order of a 4-bit row's low and high nibbles), from two registers holding
 // elements 0-15 and 16-31 in natural order.
@@ -108,34 +145,18 @@ inline void split_even_odd(__m256i& low, __m256i& high) {
 // (split_even_odd) instead of the natural one.
 template <typename T, bool INTERLEAVED>
 void round_row(const T* x, int64_t K, int group_size, int16_t* values, float* scales, float* sums) {
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  float group[128];
+  alignas(32) float group[128];
   for (int64_t g = 0; g < K / group_size; ++g) {
-    __m256 largest = _mm256_setzero_ps(), total = _mm256_setzero_ps();
-    for (int j = 0; j < group_size; j += 8) {
-      const __m256 v = load8_as_float(x + g * group_size + j);
-      _mm256_storeu_ps(group + j, v);
-      largest = _mm256_max_ps(largest, _mm256_and_ps(v, magnitude));
-      total = _mm256_add_ps(total, v);
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, largest);
-    float peak = 0.0f;
-    for (float lane : lanes) {
-      peak = std::max(peak, lane);
-    }
-    // max_ps drops NaN lanes, so finiteness is judged on the sum, which
-    // every NaN or infinity reaches.
-    const bool finite = std::isfinite(horizontal_sum8(total)) && std::isfinite(peak);
-    const float inverse = (finite && peak > 0.0f) ? 32767.0f / peak : 0.0f;
-    const float scale = finite ? peak / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+    const GroupPeak range = load_group(x + g * group_size, group_size, group);
+    const float inverse = (range.finite && range.peak > 0.0f) ? 32767.0f / range.peak : 0.0f;
+    const float scale = range.finite ? range.peak / 32767.0f : std::numeric_limits<float>::quiet_NaN();
     scales[g] = scale;
     const __m256 factor = _mm256_set1_ps(inverse);
     __m256i rounded_total = _mm256_setzero_si256();
     __m256i packed[2];
     for (int j = 0; j < group_size; j += 16) {
-      const __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(group + j), factor));
-      const __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(group + j + 8), factor));
+      const __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(group + j), factor));
+      const __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(group + j + 8), factor));
       rounded_total = _mm256_add_epi32(rounded_total, _mm256_add_epi32(low, high));
       // packs works per 128-bit half: restore the element order.
       packed[(j / 16) % 2] = _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8);
@@ -148,13 +169,7 @@ void round_row(const T* x, int64_t K, int group_size, int16_t* values, float* sc
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), packed[1]);
       }
     }
-    int32_t lanes_total[8];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes_total), rounded_total);
-    int64_t rounded_sum = 0;
-    for (int32_t lane : lanes_total) {
-      rounded_sum += lane;
-    }
-    sums[g] = scale * static_cast<float>(rounded_sum);
+    sums[g] = scale * static_cast<float>(lane_sum(rounded_total));
   }
 }
 
@@ -352,40 +367,39 @@ inline __m256i group_dot(const uint8_t* codes, const int16_t* x, int64_t begin) 
   return dot;
 }
 
-// One weight row times one activation row (decode). Four groups at a time:
-// their int32 dots are reduced together (3 horizontal adds for 4 groups),
-// converted once and scaled by the 4 (weight scale x activation scale)
-// products in one multiply-add; the bias terms are one dot product of the
-// row's biases with the activations' group sums at the end. (Scaling each
-// group on its own costs about as much as its dot product.)
-template <int BITS, int GROUP, typename T>
-inline float int16_direct_single(
-    const QuantizedRowRef& w, const Int16Activations& x, int64_t row, int64_t K,
-    const uint8_t* prefetch_codes) {
-  constexpr int group_size = GROUP;
-  const int64_t groups = K / group_size;
-  const int16_t* xv = x.values.data() + row * K;
-  const float* x_scales = x.scales.data() + row * groups;
-  const float* x_sums = x.sums.data() + row * groups;
+// One weight row times one activation row (decode), for any integer
+// activation format: `group_dot(begin)` is the exact int32 dot (8 lanes) of
+// the group starting at element `begin`. Four groups at a time: their int32
+// dots are reduced together (3 horizontal adds for 4 groups), converted
+// once and scaled by the 4 (weight scale x activation scale) products in
+// one multiply-add; the bias terms are one dot product of the row's biases
+// with the activations' group sums at the end. (Scaling each group on its
+// own costs about as much as its dot product.) GROUP_BYTES: code bytes per
+// group, for the prefetch of the row streaming next.
+template <int GROUP, int GROUP_BYTES, typename T, typename GroupDot>
+inline float integer_direct_single(
+    const QuantizedRowRef& w, const float* x_scales, const float* x_sums, int64_t K,
+    const uint8_t* prefetch_codes, GroupDot group_dot) {
+  const int64_t groups = K / GROUP;
   const T* scales = static_cast<const T*>(w.scales);
   const T* biases = static_cast<const T*>(w.biases);
-  const int64_t row_bytes = K * BITS / 8;
+  const int64_t row_bytes = groups * GROUP_BYTES;
   __m128 acc = _mm_setzero_ps();
   __m128 bias_acc = _mm_setzero_ps();
   int64_t g = 0;
   for (; g + 4 <= groups; g += 4) {
     if (prefetch_codes) {
-      const int64_t at = g * group_size * BITS / 8;
-      for (int64_t line = 0; line < 4 * group_size * BITS / 8; line += 64) {
+      const int64_t at = g * GROUP_BYTES;
+      for (int64_t line = 0; line < 4 * GROUP_BYTES; line += 64) {
         if (at + line < row_bytes) {
           prefetch(prefetch_codes + at + line);
         }
       }
     }
-    const __m256i d0 = group_dot<BITS, GROUP>(w.codes, xv, (g + 0) * group_size);
-    const __m256i d1 = group_dot<BITS, GROUP>(w.codes, xv, (g + 1) * group_size);
-    const __m256i d2 = group_dot<BITS, GROUP>(w.codes, xv, (g + 2) * group_size);
-    const __m256i d3 = group_dot<BITS, GROUP>(w.codes, xv, (g + 3) * group_size);
+    const __m256i d0 = group_dot((g + 0) * GROUP);
+    const __m256i d1 = group_dot((g + 1) * GROUP);
+    const __m256i d2 = group_dot((g + 2) * GROUP);
+    const __m256i d3 = group_dot((g + 3) * GROUP);
     const __m256i pairs = _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3));
     const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
     const __m128 factors = _mm_mul_ps(load4_as_float(scales + g), _mm_loadu_ps(x_scales + g));
@@ -397,7 +411,7 @@ inline float int16_direct_single(
   acc = _mm_add_ss(acc, _mm_movehdup_ps(acc));
   float result = _mm_cvtss_f32(acc);
   for (; g < groups; ++g) {
-    const __m256i d = group_dot<BITS, GROUP>(w.codes, xv, g * group_size);
+    const __m256i d = group_dot(g * GROUP);
     __m128i half = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
     half = _mm_hadd_epi32(half, half);
     half = _mm_hadd_epi32(half, half);
@@ -405,6 +419,17 @@ inline float int16_direct_single(
         to_float(biases[g]) * x_sums[g];
   }
   return result;
+}
+
+template <int BITS, int GROUP, typename T>
+inline float int16_direct_single(
+    const QuantizedRowRef& w, const Int16Activations& x, int64_t row, int64_t K,
+    const uint8_t* prefetch_codes) {
+  const int64_t groups = K / GROUP;
+  const int16_t* xv = x.values.data() + row * K;
+  return integer_direct_single<GROUP, GROUP * BITS / 8, T>(
+      w, x.scales.data() + row * groups, x.sums.data() + row * groups, K, prefetch_codes,
+      [&](int64_t begin) { return group_dot<BITS, GROUP>(w.codes, xv, begin); });
 }
 
 // One weight row at a time for one activation row (decode: the memory

@@ -91,26 +91,11 @@ inline void split_even_odd_bytes(__m256i& first, __m256i& second) {
 
 inline void round_row_int8(const BFloat16Bits* x, int64_t K, int group_size, int8_t* values, float* scales,
                            float* sums) {
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   alignas(32) float group[128];
   for (int64_t g = 0; g < K / group_size; ++g) {
-    __m256 largest = _mm256_setzero_ps(), total = _mm256_setzero_ps();
-    for (int j = 0; j < group_size; j += 8) {
-      const __m256 v = load8_as_float(x + g * group_size + j);
-      _mm256_store_ps(group + j, v);
-      largest = _mm256_max_ps(largest, _mm256_and_ps(v, magnitude));
-      total = _mm256_add_ps(total, v);
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, largest);
-    float peak = 0.0f;
-    for (float lane : lanes) {
-      peak = std::max(peak, lane);
-    }
-    // max_ps drops NaN lanes; the sum reaches every NaN or infinity.
-    const bool finite = std::isfinite(horizontal_sum8(total)) && std::isfinite(peak);
-    const float scale = finite ? peak / 127.0f : std::numeric_limits<float>::quiet_NaN();
-    const __m256 factor = _mm256_set1_ps((finite && peak > 0.0f) ? 127.0f / peak : 0.0f);
+    const GroupPeak range = load_group(x + g * group_size, group_size, group);
+    const float scale = range.finite ? range.peak / 127.0f : std::numeric_limits<float>::quiet_NaN();
+    const __m256 factor = _mm256_set1_ps((range.finite && range.peak > 0.0f) ? 127.0f / range.peak : 0.0f);
     __m256i rounded_total = _mm256_setzero_si256();
     for (int j = 0; j < group_size; j += 64) {
       __m256i ints[8];
@@ -125,14 +110,8 @@ inline void round_row_int8(const BFloat16Bits* x, int64_t K, int group_size, int
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), first);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), second);
     }
-    int32_t lanes_total[8];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes_total), rounded_total);
-    int64_t rounded_sum = 0;
-    for (int32_t lane : lanes_total) {
-      rounded_sum += lane;
-    }
     scales[g] = scale;
-    sums[g] = scale * static_cast<float>(rounded_sum);
+    sums[g] = scale * static_cast<float>(lane_sum(rounded_total));
   }
 }
 
@@ -183,53 +162,16 @@ inline __m256i int8_group_dot(const uint8_t* codes, const int8_t* x, int64_t beg
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-// One weight row times one activation row; four groups reduced and scaled
-// together as in int16_direct_single.
+// One weight row times one activation row (integer_direct_single's
+// reduction and scaling).
 template <int GROUP>
 inline float int8_direct_single(
     const QuantizedRowRef& w, const Int8Activations& x, int64_t row, int64_t K, const uint8_t* prefetch_codes) {
   const int64_t groups = K / GROUP;
   const int8_t* xv = x.values.data() + row * K;
-  const float* x_scales = x.scales.data() + row * groups;
-  const float* x_sums = x.sums.data() + row * groups;
-  const BFloat16Bits* scales = static_cast<const BFloat16Bits*>(w.scales);
-  const BFloat16Bits* biases = static_cast<const BFloat16Bits*>(w.biases);
-  const int64_t row_bytes = K / 2;
-  __m128 acc = _mm_setzero_ps();
-  __m128 bias_acc = _mm_setzero_ps();
-  int64_t g = 0;
-  for (; g + 4 <= groups; g += 4) {
-    if (prefetch_codes) {
-      const int64_t at = g * GROUP / 2;
-      for (int64_t line = 0; line < 4 * GROUP / 2; line += 64) {
-        if (at + line < row_bytes) {
-          prefetch(prefetch_codes + at + line);
-        }
-      }
-    }
-    const __m256i d0 = int8_group_dot<GROUP>(w.codes, xv, (g + 0) * GROUP);
-    const __m256i d1 = int8_group_dot<GROUP>(w.codes, xv, (g + 1) * GROUP);
-    const __m256i d2 = int8_group_dot<GROUP>(w.codes, xv, (g + 2) * GROUP);
-    const __m256i d3 = int8_group_dot<GROUP>(w.codes, xv, (g + 3) * GROUP);
-    const __m256i pairs = _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3));
-    const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
-    const __m128 factors = _mm_mul_ps(load4_as_float(scales + g), _mm_loadu_ps(x_scales + g));
-    acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), factors, acc);
-    bias_acc = _mm_fmadd_ps(load4_as_float(biases + g), _mm_loadu_ps(x_sums + g), bias_acc);
-  }
-  acc = _mm_add_ps(acc, bias_acc);
-  acc = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
-  acc = _mm_add_ss(acc, _mm_movehdup_ps(acc));
-  float result = _mm_cvtss_f32(acc);
-  for (; g < groups; ++g) {
-    const __m256i d = int8_group_dot<GROUP>(w.codes, xv, g * GROUP);
-    __m128i half = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
-    half = _mm_hadd_epi32(half, half);
-    half = _mm_hadd_epi32(half, half);
-    result += static_cast<float>(_mm_cvtsi128_si32(half)) * to_float(scales[g]) * x_scales[g] +
-        to_float(biases[g]) * x_sums[g];
-  }
-  return result;
+  return integer_direct_single<GROUP, GROUP / 2, BFloat16Bits>(
+      w, x.scales.data() + row * groups, x.sums.data() + row * groups, K, prefetch_codes,
+      [&](int64_t begin) { return int8_group_dot<GROUP>(w.codes, xv, begin); });
 }
 
 // acc[r * ldacc + c] += x_r . W_c for few rows, one weight row streaming at a
