@@ -120,51 +120,75 @@ def _sum_outputs(module: nn.Module, group) -> None:
 _SUMMED_CLASSES = {}
 
 
-def _shard_swiglu(gate: nn.Module, up: nn.Module, down: nn.Module, hidden: int, size: int, rank: int,
-                  what: str) -> None:
-    start, stop = _share(hidden, size, rank, f"{what} (hidden size)")
-    _slice_outputs(gate, start, stop)
-    _slice_outputs(up, start, stop)
-    _slice_inputs(down, start, stop, rank, f"{what} down projection")
-
-
-def _shard_mlp(mlp: nn.Module, size: int, rank: int, what: str) -> None:
-    """Tensor-parallel slices of a sparse MoE block or a dense SwiGLU MLP."""
-    if "switch_mlp" in mlp:
-        experts = mlp.switch_mlp
-        hidden = _input_features(experts.down_proj)
-        _shard_swiglu(experts.gate_proj, experts.up_proj, experts.down_proj, hidden, size, rank, f"{what} experts")
-        if "shared_expert" in mlp:
-            shared = mlp.shared_expert
-            _shard_swiglu(shared.gate_proj, shared.up_proj, shared.down_proj, _input_features(shared.down_proj),
-                          size, rank, f"{what} shared expert")
-    else:
-        _shard_swiglu(mlp.gate_proj, mlp.up_proj, mlp.down_proj, _input_features(mlp.down_proj), size, rank,
-                      f"{what} MLP")
-
-
 def _input_features(layer: nn.Module) -> int:
     columns = layer["weight"].shape[-1]
     bits = getattr(layer, "bits", None)
     return columns if bits is None else columns * 32 // bits
 
 
-def _shard_attention(attention: nn.Module, size: int, rank: int, what: str) -> None:
+def _swiglus(mlp: nn.Module, what: str):
+    """The (gate, up, down, name) SwiGLU triples of a layer's MLP block: the
+    routed experts and Qwen2-MoE's shared expert, or a dense MLP."""
+    if "switch_mlp" not in mlp:
+        return [(mlp.gate_proj, mlp.up_proj, mlp.down_proj, f"{what} MLP")]
+    experts = mlp.switch_mlp
+    triples = [(experts.gate_proj, experts.up_proj, experts.down_proj, f"{what} experts")]
+    if "shared_expert" in mlp:
+        shared = mlp.shared_expert
+        triples.append((shared.gate_proj, shared.up_proj, shared.down_proj, f"{what} shared expert"))
+    return triples
+
+
+def _hidden_share(down: nn.Module, size: int, rank: int, name: str):
+    """Rank ``rank``'s hidden range of a SwiGLU (checked: divisible, and a
+    whole number of quantization groups of ``down``'s input)."""
+    hidden = _input_features(down)
+    start, stop = _share(hidden, size, rank, f"{name} (hidden size {hidden})")
+    _packed_columns(down, stop - start, f"{name} down projection")
+    return start, stop
+
+
+def _head_dim(attention: nn.Module, size: int, what: str) -> int:
+    """The head dimension, after checking that the heads split over
+    ``size`` ranks (and o_proj's input with them)."""
     heads, kv_heads = attention.num_heads, attention.num_kv_heads
     if heads % size or kv_heads % size:
         raise ValueError(
-            f"cannot shard {what} by heads: {heads} query heads and {kv_heads} KV heads must both be "
-            f"divisible by the group size {size} (use attention='replicate')"
+            f"cannot shard {what} attention by heads: {heads} query heads and {kv_heads} KV heads must both "
+            f"be divisible by the group size {size} (use attention='replicate')"
         )
     head_dim = _input_features(attention.o_proj) // heads
-    _slice_outputs(attention.q_proj, *(head_dim * b for b in _share(heads, size, rank, what)))
-    kv = _share(kv_heads, size, rank, what)
-    _slice_outputs(attention.k_proj, head_dim * kv[0], head_dim * kv[1])
-    _slice_outputs(attention.v_proj, head_dim * kv[0], head_dim * kv[1])
-    start, stop = _share(heads, size, rank, what)
-    _slice_inputs(attention.o_proj, start * head_dim, stop * head_dim, rank, f"{what} o_proj")
-    attention.num_heads = heads // size
-    attention.num_kv_heads = kv_heads // size
+    _packed_columns(attention.o_proj, head_dim * heads // size, f"{what} o_proj")
+    return head_dim
+
+
+def _check_layer(layer: nn.Module, size: int, attention: str, what: str) -> None:
+    """The divisibility checks of one layer, without changing it."""
+    for _, _, down, name in _swiglus(layer.mlp, what):
+        _hidden_share(down, size, 0, name)
+    if attention == "tensor":
+        _head_dim(layer.self_attn, size, what)
+
+
+def _shard_mlp(mlp: nn.Module, size: int, rank: int, what: str) -> None:
+    """Tensor-parallel slices of a sparse MoE block or a dense SwiGLU MLP."""
+    for gate, up, down, name in _swiglus(mlp, what):
+        start, stop = _hidden_share(down, size, rank, name)
+        _slice_outputs(gate, start, stop)
+        _slice_outputs(up, start, stop)
+        _slice_inputs(down, start, stop, rank, f"{name} down projection")
+
+
+def _shard_attention(attention: nn.Module, size: int, rank: int, what: str) -> None:
+    head_dim = _head_dim(attention, size, what)
+    heads, kv_heads = attention.num_heads // size, attention.num_kv_heads // size
+    _slice_outputs(attention.q_proj, rank * heads * head_dim, (rank + 1) * heads * head_dim)
+    _slice_outputs(attention.k_proj, rank * kv_heads * head_dim, (rank + 1) * kv_heads * head_dim)
+    _slice_outputs(attention.v_proj, rank * kv_heads * head_dim, (rank + 1) * kv_heads * head_dim)
+    _slice_inputs(attention.o_proj, rank * heads * head_dim, (rank + 1) * heads * head_dim, rank,
+                  f"{what} o_proj")
+    attention.num_heads = heads
+    attention.num_kv_heads = kv_heads
 
 
 def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None, *, experts: str = "tensor",
@@ -200,7 +224,7 @@ def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None, 
         _check_layer(layer, size, attention, f"layer {index}")
     for index, layer in enumerate(layers):
         if attention == "tensor":
-            _shard_attention(layer.self_attn, size, rank, f"layer {index} attention")
+            _shard_attention(layer.self_attn, size, rank, f"layer {index}")
             _sum_outputs(layer.self_attn, group)
         _shard_mlp(layer.mlp, size, rank, f"layer {index}")
         _sum_outputs(layer.mlp, group)
@@ -208,32 +232,6 @@ def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None, 
         # tensors at a time, never the whole model.
         mx.eval(layer.parameters())
     return model
-
-
-def _check_layer(layer: nn.Module, size: int, attention: str, what: str) -> None:
-    """The divisibility checks of one layer, without changing it."""
-    mlp = layer.mlp
-    pairs = []
-    if "switch_mlp" in mlp:
-        pairs.append((mlp.switch_mlp.down_proj, f"{what} experts"))
-        if "shared_expert" in mlp:
-            pairs.append((mlp.shared_expert.down_proj, f"{what} shared expert"))
-    else:
-        pairs.append((mlp.down_proj, f"{what} MLP"))
-    for down, name in pairs:
-        hidden = _input_features(down)
-        start, stop = _share(hidden, size, 0, f"{name} (hidden size {hidden})")
-        _packed_columns(down, stop - start, f"{name} down projection")
-    if attention == "tensor":
-        attn = layer.self_attn
-        if attn.num_heads % size or attn.num_kv_heads % size:
-            raise ValueError(
-                f"cannot shard {what} attention by heads: {attn.num_heads} query heads and "
-                f"{attn.num_kv_heads} KV heads must both be divisible by the group size {size} "
-                "(use attention='replicate')"
-            )
-        head_dim = _input_features(attn.o_proj) // attn.num_heads
-        _packed_columns(attn.o_proj, head_dim * attn.num_heads // size, f"{what} o_proj")
 
 
 class _Stage:
