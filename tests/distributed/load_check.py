@@ -11,9 +11,9 @@ import json
 import sys
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from mlx_moe_kernels.loading import load_model
+from shard_check import relative_error, resident_bytes
 
 TOKENS = mx.array([[3, 17, 9, 21, 5, 22, 8, 30]], dtype=mx.int32)
 
@@ -36,20 +36,19 @@ def main() -> None:
     peak_whole = mx.get_peak_memory()
     reference = whole(TOKENS).astype(mx.float32)
     mx.eval(reference)  # (lazy, it would keep every weight of the whole model alive)
-    bytes_whole = sum(v.nbytes for _, v in tree_flatten(whole.parameters()))
+    bytes_whole = resident_bytes(whole)
     del whole
     mx.clear_cache()
     mx.reset_peak_memory()
     model, _ = load_model(path, group=group, shard=shard, attention=attention)
     peak_sharded = mx.get_peak_memory()
-    logits = model(TOKENS).astype(mx.float32)
     result = {
         "rank": group.rank(),
-        "max_error": float(mx.abs(logits - reference).max()) / max(1.0, float(mx.abs(reference).max())),
+        "max_error": relative_error(model(TOKENS), reference),
         "peak_whole": peak_whole,
         "peak_sharded": peak_sharded,
         "bytes_whole": bytes_whole,
-        "bytes_sharded": sum(v.nbytes for _, v in tree_flatten(model.parameters())),
+        "bytes_sharded": resident_bytes(model),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
