@@ -141,6 +141,16 @@ NB_MODULE(_ext, m) {
       "x @ W.T for an mx.quantize triple, as nn.QuantizedLinear (see mlx_moe_kernels.quantized_linear).");
 
   m.def(
+      "softmax_top_k",
+      &mlx_moe::softmax_top_k,
+      "logits"_a,
+      "k"_a,
+      "normalize"_a = false,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "A softmax router's top-k experts and their probabilities (see mlx_moe_kernels.softmax_top_k).");
+
+  m.def(
       "scaled_dot_product_attention",
       &mlx_moe::scaled_dot_product_attention,
       "q"_a,

@@ -17,6 +17,19 @@ void Rope::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[rope] no GPU kernel: the op should have used mx.fast.rope on this stream.");
 }
 
+void Linear::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[linear] no GPU kernel: the op should have used mx.matmul on this stream.");
+}
+
+void QuantizedLinear::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(
+      "[quantized_linear] no GPU kernel: the op should have used mx.quantized_matmul on this stream.");
+}
+
+void SoftmaxTopK::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[softmax_top_k] no GPU kernel: the op should have used MLX's ops on this stream.");
+}
+
 void RmsNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[rms_norm] no GPU kernel: the op should have used mx.fast.rms_norm on this stream.");
 }

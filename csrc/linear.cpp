@@ -1,45 +1,20 @@
 // The dense projections of a model, x @ W^T with W stored as nn.Linear /
 // nn.QuantizedLinear store it ([N, K], or its mx.quantize triple).
 //
-// A dense projection is a gather matmul over a single matrix: every row of
-// x goes to matrix 0. On the CPU both ops therefore build the GatherMM /
-// GatherQMM primitives over one matrix and run the same kernels as the
-// experts: a few rows (decode) stream W once over all cores, many rows
-// (prefill) run the register-tiled or blocked dequantizing paths. Elsewhere
-// (GPU streams) MLX's own matmul / quantized_matmul is already tuned, so it
-// is used unchanged.
+// On the CPU each is one Linear / QuantizedLinear node (primitives.h),
+// whose eval runs the gather kernels over a single matrix (cpu/linear.cpp):
+// a few rows (decode) stream W once over all cores, many rows (prefill)
+// take the register-tiled or integer paths. Elsewhere (GPU streams) MLX's
+// own matmul / quantized_matmul is already tuned and used unchanged.
 #include <sstream>
 #include <stdexcept>
 #include <string>
 
 #include "ops.h"
+#include "primitives.h"
 
 namespace mlx_moe {
 
-namespace {
-
-// x's leading dimensions flattened into one row axis behind a batch of
-// one: [..., K] -> [1, rows, K] (a view when x is row-contiguous).
-mx::array as_single_batch(const mx::array& x, const mx::Stream& stream) {
-  int rows = 1;
-  for (int d = 0; d + 1 < static_cast<int>(x.ndim()); ++d) {
-    rows *= x.shape(d);
-  }
-  return mx::reshape(x, {1, rows, x.shape(-1)}, stream);
-}
-
-// [1, rows, N] -> x's leading dimensions + [N].
-mx::array restore_leading(const mx::array& out, const mx::array& x, int N, const mx::Stream& stream) {
-  mx::Shape shape(x.shape().begin(), x.shape().end() - 1);
-  shape.push_back(N);
-  return mx::reshape(out, std::move(shape), stream);
-}
-
-mx::array matrix_zero(const mx::Stream& stream) {
-  return mx::zeros({1}, mx::uint32, stream);
-}
-
-} // namespace
 
 mx::array linear(mx::array x, mx::array weight, mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
@@ -66,12 +41,11 @@ mx::array linear(mx::array x, mx::array weight, mx::StreamOrDevice s) {
   if (!has_kernels_for(stream)) {
     return mx::matmul(x, mx::transpose(weight, stream), stream);
   }
-  const int N = weight.shape(0);
-  // W^T as a [1, K, N] view: K contiguous, the layout the dot kernels
-  // stream row by row.
-  auto b = mx::expand_dims(mx::transpose(weight, stream), 0, stream);
-  auto out = mlx_moe::gather_mm(as_single_batch(x, stream), b, std::nullopt, matrix_zero(stream), true, stream);
-  return restore_leading(out, x, N, stream);
+  x = mx::astype(x, out_type, stream);
+  weight = mx::astype(weight, out_type, stream);
+  auto shape = x.shape();
+  shape.back() = weight.shape(0);
+  return mx::array(std::move(shape), out_type, std::make_shared<Linear>(stream), {std::move(x), std::move(weight)});
 }
 
 mx::array quantized_linear(
@@ -104,25 +78,28 @@ mx::array quantized_linear(
   if (!has_kernels_for(stream)) {
     return mx::quantized_matmul(x, w, scales, biases, true, f.group_size, f.bits, f.mode, stream);
   }
-  const int N = w.shape(0);
-  std::optional<mx::array> batched_biases;
-  if (biases) {
-    batched_biases = mx::expand_dims(*biases, 0, stream);
+  auto out_type = x.dtype();
+  if (f.mode == "affine") {
+    out_type = mx::promote_types(out_type, mx::promote_types(scales.dtype(), biases->dtype()));
   }
-  auto out = mlx_moe::gather_qmm(
-      as_single_batch(x, stream),
-      mx::expand_dims(w, 0, stream),
-      mx::expand_dims(scales, 0, stream),
-      batched_biases,
-      std::nullopt,
-      matrix_zero(stream),
-      true,
-      f.group_size,
-      f.bits,
-      f.mode,
-      true,
-      stream);
-  return restore_leading(out, x, N, stream);
+  if (out_type != mx::float32 && out_type != mx::float16 && out_type != mx::bfloat16) {
+    std::ostringstream m;
+    m << "[quantized_linear] Supports float32, float16 and bfloat16 activations but x (" << x.dtype()
+      << ") and the scales promote to " << out_type << ".";
+    throw std::invalid_argument(m.str());
+  }
+  std::vector<mx::array> inputs{mx::astype(x, out_type, stream), row_contiguous(w, stream)};
+  if (f.mode == "affine") {
+    inputs.push_back(row_contiguous(mx::astype(scales, out_type, stream), stream));
+    inputs.push_back(row_contiguous(mx::astype(*biases, out_type, stream), stream));
+  } else {
+    inputs.push_back(row_contiguous(scales, stream));
+  }
+  auto shape = x.shape();
+  shape.back() = w.shape(0);
+  return mx::array(
+      std::move(shape), out_type, std::make_shared<QuantizedLinear>(stream, f.group_size, f.bits, f.mode),
+      std::move(inputs));
 }
 
 } // namespace mlx_moe

@@ -17,6 +17,13 @@
 
 namespace mlx_moe {
 
+mx::array row_contiguous(const mx::array& a, const mx::Stream& stream) {
+  if (a.is_available() && a.flags().row_contiguous) {
+    return a;
+  }
+  return mx::contiguous(a, false, stream);
+}
+
 bool has_kernels_for(const mx::Stream& stream) {
   return stream.device == mx::Device::cpu;
 }
@@ -516,12 +523,12 @@ mx::array gather_qmm(
     quantized_error(m.str());
   }
   x = mx::astype(x, out_type, stream);
-  w = mx::contiguous(w, false, stream);
+  w = row_contiguous(w, stream);
   if (f.mode == "affine") {
-    scales = mx::contiguous(mx::astype(scales, out_type, stream), false, stream);
-    biases = mx::contiguous(mx::astype(*biases, out_type, stream), false, stream);
+    scales = row_contiguous(mx::astype(scales, out_type, stream), stream);
+    biases = row_contiguous(mx::astype(*biases, out_type, stream), stream);
   } else {
-    scales = mx::contiguous(scales, false, stream);
+    scales = row_contiguous(scales, stream);
   }
 
   mx::array lhs = indices_or_default(lhs_indices_in, x, "lhs_indices", stream, "gather_qmm");
@@ -719,12 +726,12 @@ mx::array switch_glu(
   // [scores]. gate and up are views of gate_up when fused (no copy).
   std::vector<mx::array> inputs{mx::contiguous(x2, false, stream)};
   if (fused) {
-    inputs.push_back(mx::contiguous(cast(up_weight), false, stream));
+    inputs.push_back(row_contiguous(cast(up_weight), stream));
   } else {
-    inputs.push_back(mx::contiguous(cast(*gate_weight), false, stream));
-    inputs.push_back(mx::contiguous(cast(up_weight), false, stream));
+    inputs.push_back(row_contiguous(cast(*gate_weight), stream));
+    inputs.push_back(row_contiguous(cast(up_weight), stream));
   }
-  inputs.push_back(mx::contiguous(cast(down_weight), false, stream));
+  inputs.push_back(row_contiguous(cast(down_weight), stream));
   inputs.push_back(mx::contiguous(idx, false, stream));
   if (scores2) {
     inputs.push_back(mx::contiguous(*scores2, false, stream));
@@ -868,12 +875,12 @@ mx::array switch_glu_quantized(
   // Each weight's inputs: codes, scales (and biases), row contiguous, the
   // scales and biases in the compute dtype (affine).
   auto weight_inputs = [&](const QuantizedWeight& w) {
-    std::vector<mx::array> in{mx::contiguous(w.weight, false, stream)};
+    std::vector<mx::array> in{row_contiguous(w.weight, stream)};
     if (f.mode == "affine") {
-      in.push_back(mx::contiguous(mx::astype(w.scales, dtype, stream), false, stream));
-      in.push_back(mx::contiguous(mx::astype(*w.biases, dtype, stream), false, stream));
+      in.push_back(row_contiguous(mx::astype(w.scales, dtype, stream), stream));
+      in.push_back(row_contiguous(mx::astype(*w.biases, dtype, stream), stream));
     } else {
-      in.push_back(mx::contiguous(w.scales, false, stream));
+      in.push_back(row_contiguous(w.scales, stream));
     }
     return in;
   };

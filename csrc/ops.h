@@ -62,6 +62,21 @@ mx::array switch_glu(
     std::optional<mx::array> scores = std::nullopt,
     mx::StreamOrDevice s = {});
 
+// A softmax router's expert choice: the k most probable experts of each
+// row of logits [..., E] (softmax in float32) and their probabilities in
+// the logits' dtype, renormalized over the k when `normalize`. Returns
+// (indices [..., k] uint32, most probable first; scores [..., k]). On the
+// CPU one SoftmaxTopK node; elsewhere MLX's softmax/argpartition
+// composition (indices then in partition order). Differentiable in logits.
+std::pair<mx::array, mx::array> softmax_top_k(
+    mx::array logits, int k, bool normalize = false, mx::StreamOrDevice s = {});
+
+// `a` itself when it is already evaluated and row contiguous, else a
+// contiguous copy: the kernels read weights' rows directly, and a
+// Contiguous graph node per weight and call costs microseconds, as much
+// as a small product at one token.
+mx::array row_contiguous(const mx::array& a, const mx::Stream& stream);
+
 // A dense projection x @ weight^T, nn.Linear's product: x [..., K], weight
 // [N, K] -> [..., N] in the promoted dtype (float32, float16, bfloat16).
 // On the CPU it runs our gather kernels over a single matrix (linear.cpp);

@@ -407,6 +407,130 @@ std::vector<mx::array> GatherQMM::vjp(
 
 } // namespace mlx_moe
 
+// ------------------------------------------------------------ SoftmaxTopK
+namespace mlx_moe {
+
+std::vector<mx::Shape> SoftmaxTopK::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[0].shape();
+  shape.back() = k_;
+  return {shape, shape};
+}
+
+bool SoftmaxTopK::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const SoftmaxTopK&>(other);
+  return k_ == o.k_ && normalize_ == o.normalize_;
+}
+
+// The scores' gradient is that of the composition at the chosen experts
+// (the indices, outputs[0], are constants); the indices have none.
+std::vector<mx::array> SoftmaxTopK::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  const auto s = stream();
+  const mx::array indices = mx::stop_gradient(outputs[0], s);
+  const bool normalize = normalize_;
+  auto composition = [&](const std::vector<mx::array>& in) {
+    auto probs = mx::softmax(in[0], std::vector<int>{-1}, true, s);
+    auto scores = mx::take_along_axis(probs, indices, -1, s);
+    if (normalize) {
+      scores = mx::divide(scores, mx::sum(scores, -1, true, s), s);
+    }
+    return std::vector<mx::array>{scores};
+  };
+  // cotangents: one per output; the indices' (if given) carries nothing.
+  const mx::array& d_scores = cotangents.size() == 2 ? cotangents[1] : cotangents[0];
+  auto grads = mx::vjp(composition, primals, {d_scores}).second;
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    out.push_back(grads[arg]);
+  }
+  return out;
+}
+
+} // namespace mlx_moe
+
+// ------------------------------------------------------------ Linear, QuantizedLinear
+namespace mlx_moe {
+
+namespace {
+
+// x's shape with its last axis replaced by N.
+mx::Shape projected_shape(const mx::array& x, int N) {
+  auto shape = x.shape();
+  shape.back() = N;
+  return shape;
+}
+
+} // namespace
+
+std::vector<mx::Shape> Linear::output_shapes(const std::vector<mx::array>& inputs) {
+  return {projected_shape(inputs[0], inputs[1].shape(0))};
+}
+
+// out = x @ W^T:  d x = d out @ W;  d W = (d out)^T @ x over all rows.
+std::vector<mx::array> Linear::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  const auto s = stream();
+  const auto& x = primals[0];
+  const auto& weight = primals[1];
+  const auto& d_out = cotangents[0];
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg == 0) {
+      grads.push_back(mx::astype(mx::matmul(d_out, weight, s), x.dtype(), s));
+    } else {
+      const int N = weight.shape(0);
+      const int K = weight.shape(1);
+      auto rows_out = mx::reshape(d_out, {-1, N}, s);
+      auto rows_x = mx::reshape(x, {-1, K}, s);
+      grads.push_back(mx::astype(mx::matmul(mx::transpose(rows_out, s), rows_x, s), weight.dtype(), s));
+    }
+  }
+  return grads;
+}
+
+std::vector<mx::Shape> QuantizedLinear::output_shapes(const std::vector<mx::array>& inputs) {
+  return {projected_shape(inputs[0], inputs[1].shape(0))};
+}
+
+bool QuantizedLinear::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QuantizedLinear&>(other);
+  return group_size_ == o.group_size_ && bits_ == o.bits_ && mode_ == o.mode_;
+}
+
+// d x = d out @ W (MLX's quantized_matmul, transpose=false). The packed
+// weight, scales and biases get no gradient (frozen, as MLX's layers).
+std::vector<mx::array> QuantizedLinear::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>&) {
+  std::optional<mx::array> biases;
+  if (primals.size() == 4) {
+    biases = primals[3];
+  }
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg != 0) {
+      throw std::invalid_argument(
+          "[quantized_linear] Gradients are defined with respect to x only, not the quantized "
+          "weight, scales or biases.");
+    }
+    grads.push_back(mx::astype(
+        mx::quantized_matmul(
+            cotangents[0], primals[1], primals[2], biases, false, group_size_, bits_, mode_, stream()),
+        primals[0].dtype(), stream()));
+  }
+  return grads;
+}
+
+} // namespace mlx_moe
+
 // ------------------------------------------------------------ Attention
 namespace mlx_moe {
 

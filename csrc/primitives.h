@@ -90,6 +90,37 @@ class MoeRoute : public mx::Primitive {
   std::string op_;
 };
 
+// A softmax router's choice: for every row of logits [..., E], the k
+// experts of highest probability softmax(logits) (computed in float32) and
+// their probabilities, rounded to the logits' dtype, renormalized to sum to
+// one when `normalize` (sum and quotient rounded as MLX's ops round them).
+// Outputs: indices [..., k] uint32 (most probable first; ties to the lower
+// expert) and scores [..., k] in the logits' dtype. One node in place of
+// softmax, argpartition, slice, take_along_axis, sum and divide.
+// Differentiable in the logits (through the scores).
+class SoftmaxTopK : public mx::Primitive {
+ public:
+  SoftmaxTopK(mx::Stream stream, int k, bool normalize)
+      : mx::Primitive(stream), k_(k), normalize_(normalize) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override {
+    return "MoeSoftmaxTopK";
+  }
+
+ private:
+  int k_;
+  bool normalize_;
+};
+
 // Gate and up projections with SwiGLU, fused: for every routed slot, in
 // expert-sorted order i, hidden[i] = silu(x[t] @ gate[e]^T) * (x[t] @
 // up[e]^T). Inputs: x [T, D], gate [E, H, D], up [E, H, D] (last axis
@@ -196,6 +227,59 @@ class GatherQMM : public mx::UnaryPrimitive {
   bool transpose_;
   bool sorted_indices_;
   bool lhs_is_identity_;
+};
+
+// A dense projection, x @ weight^T, as nn.Linear computes it. Inputs: x
+// [..., K] (any strides), weight [N, K] (any strides), one float dtype.
+// Output: [..., N], row contiguous. One graph node in place of the
+// gather_mm composition (index arrays, reshapes): a decode step has
+// hundreds of these, and each node costs microseconds to build and run.
+class Linear : public mx::UnaryPrimitive {
+ public:
+  explicit Linear(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  const char* name() const override {
+    return "MoeLinear";
+  }
+};
+
+// x @ W^T for an mx.quantize-packed W, as nn.QuantizedLinear computes it.
+// Inputs: x [..., K] (any strides) in the compute dtype, w uint32 [N, K *
+// bits / 32], scales (and, affine mode, biases) [N, K / group_size], all
+// row contiguous. Output: [..., N] in x's dtype. Differentiable in x only.
+class QuantizedLinear : public mx::UnaryPrimitive {
+ public:
+  QuantizedLinear(mx::Stream stream, int group_size, int bits, std::string mode)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits), mode_(std::move(mode)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override {
+    return "MoeQuantizedLinear";
+  }
+
+ private:
+  int group_size_;
+  int bits_;
+  std::string mode_;
 };
 
 // Scaled dot-product attention (mx.fast.scaled_dot_product_attention's

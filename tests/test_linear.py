@@ -77,6 +77,27 @@ def test_linear_strided_input():
     check_linear(x, rand((16, 32), seed=5))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
+def test_linear_layouts(dtype):
+    # Leading axes that do not collapse into one row stride (a slice with a
+    # step, a leading transpose: one gather pair per row), a transposed
+    # weight view, and a weight still being computed (no contiguity known
+    # at the call).
+    x = rand((6, 4, 131), dtype, seed=5)[::2].transpose(1, 0, 2)
+    w = rand((131, 40), dtype, seed=6).T
+    check_linear(x, w)
+    check_linear(rand((3, 131), dtype, seed=7), rand((40, 131), dtype, seed=8) * 2)
+
+
+def test_linear_weight_gradient_over_leading_dims():
+    x, w = rand((2, 3, 24), seed=1), rand((10, 24), seed=2)
+    cot = rand((2, 3, 10), seed=4)
+    ours = mx.grad(lambda x, w: (mk.linear(x, w) * cot).sum(), argnums=(0, 1))(x, w)
+    want = mx.grad(lambda x, w: ((x @ w.T) * cot).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, want):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
+
+
 def test_linear_errors():
     w = rand((8, 16))
     with pytest.raises(ValueError, match=r"\[linear\] weight must be a 2-d"):
@@ -143,6 +164,18 @@ def test_quantized_linear_leading_dims_and_empty(build):
     assert mk.quantized_linear(mx.zeros((0, 128), mx.bfloat16), q, s, b, 64, 4).shape == (0, 48)
     one = mk.quantized_linear(x[0, 0], q, s, b, 64, 4)
     assert one.shape == (48,)
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_quantized_linear_layouts(build, rows):
+    # x whose leading axes do not collapse (one gather pair per row), and a
+    # weight triple still being computed at the call (the op must make it
+    # contiguous, not assume it).
+    q, s, b = quantized((48, 128), "affine", 64, 4, mx.bfloat16, seed=2)
+    x = rand((2 * rows, 3, 128), mx.bfloat16, seed=4)[::2].transpose(1, 0, 2)
+    check_quantized(x, q, s, b, "affine", 64, 4)
+    lazy = [mx.concatenate([a[:24], a[24:]]) for a in (q, s, b)]
+    check_quantized(x, *lazy, "affine", 64, 4)
 
 
 def test_quantized_linear_gradient_wrt_x(build):

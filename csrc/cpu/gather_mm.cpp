@@ -26,10 +26,6 @@ namespace {
 
 using cpu::ElementType;
 
-// Column blocks: a multiple of every dot/outer tile width (1, 2, 3, 4, 8,
-// 16), never narrower (cpu/gather_tasks.h).
-constexpr int64_t kMinColumnsPerTask = 48;
-
 // Everything the CPU task needs from the arrays, captured by value.
 struct GatherMMArguments {
   ElementType dtype;
@@ -101,13 +97,7 @@ void run_gather_mm(const GatherMMArguments& args) {
   problem.group_begin = groups.group_begin.data();
   problem.num_groups = groups.num_groups();
 
-  cpu::ThreadPool& pool = cpu::ThreadPool::instance();
-  std::vector<cpu::GatherMMTask> tasks =
-      cpu::column_block_tasks(problem, kMinColumnsPerTask, pool.num_threads());
-  const auto kernel = cpu::cpu_kernels().gather_mm_task;
-  pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
-    kernel(problem, tasks[i]);
-  });
+  cpu::run_column_blocks(problem, cpu::kColumnQuantum, cpu::cpu_kernels().gather_mm_task);
   for (int64_t p : bad_pairs) {
     fill_nan(static_cast<char*>(args.out) + p * M * N * mx::size_of(args.out_dtype), M * N, args.out_dtype);
   }

@@ -21,10 +21,6 @@ namespace mlx_moe {
 
 namespace {
 
-// Columns per task are a multiple of this (of every dot tile width, and of
-// the group size when the columns are the quantized axis).
-constexpr int64_t kColumnQuantum = 48;
-
 // What the CPU task needs from the arrays, captured by value.
 struct GatherQMMArguments {
   cpu::ElementType dtype;
@@ -87,13 +83,8 @@ void run_gather_qmm(const GatherQMMArguments& args) {
   problem.group_begin = groups.group_begin.data();
   problem.num_groups = groups.num_groups();
 
-  cpu::ThreadPool& pool = cpu::ThreadPool::instance();
-  std::vector<cpu::GatherMMTask> tasks = cpu::column_block_tasks(
-      problem, problem.transpose ? kColumnQuantum : problem.w.group_size, pool.num_threads());
-  const auto kernel = cpu::cpu_kernels().gather_qmm_task;
-  pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) {
-    kernel(problem, tasks[i]);
-  });
+  cpu::run_column_blocks(
+      problem, problem.transpose ? cpu::kColumnQuantum : problem.w.group_size, cpu::cpu_kernels().gather_qmm_task);
   const size_t item = mx::size_of(args.out_dtype);
   for (int64_t p : bad_pairs) {
     fill_nan(static_cast<char*>(args.out) + p * M * args.N * item, M * args.N, args.out_dtype);

@@ -12,10 +12,17 @@
 #include <vector>
 
 #include "cpu/gather_mm_problem.h"
+#include "cpu/thread_pool.h"
 
 namespace mlx_moe::cpu {
 
 constexpr int64_t kGatherTasksPerThread = 8;
+
+// Column blocks are a multiple of this: of every dot and outer-product tile
+// width (1, 2, 3, 4, 8, 16) and of the quantized kernels' 8-column panels.
+// (gather_qmm with the quantized axis along the columns uses the group
+// size instead.)
+constexpr int64_t kColumnQuantum = 48;
 
 // `Problem`: N, num_groups and group_rows(g) (GatherMMProblem,
 // GatherQMMProblem).
@@ -41,6 +48,15 @@ std::vector<GatherMMTask> column_block_tasks(const Problem& p, int64_t quantum, 
     }
   }
   return tasks;
+}
+
+// Runs kernel(problem, task) for every column block task of `problem` on
+// the process's thread pool.
+template <typename Problem, typename Kernel>
+void run_column_blocks(const Problem& problem, int64_t quantum, Kernel kernel) {
+  ThreadPool& pool = ThreadPool::instance();
+  const std::vector<GatherMMTask> tasks = column_block_tasks(problem, quantum, pool.num_threads());
+  pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t i, int) { kernel(problem, tasks[i]); });
 }
 
 } // namespace mlx_moe::cpu

@@ -9,7 +9,8 @@ The public API:
   expert), and the dense projections ``linear`` / ``quantized_linear``
   (``x @ W.T`` on the same kernels over a single matrix), and
   ``scaled_dot_product_attention`` (a flash-style CPU attention kernel)
-  ``rope`` and ``rms_norm`` (one CPU kernel each);
+  ``rope``, ``rms_norm`` and ``softmax_top_k`` (a router's expert
+  choice; one CPU kernel each);
 * ``dense``: ``Linear``, ``QuantizedLinear``, ``Embedding``,
   ``QuantizedEmbedding``, MLX's layers computing on those ops (our models
   use them for the attention, router, shared expert and lm_head);
@@ -37,6 +38,7 @@ from mlx_moe_kernels.ops import (
     rope,
     route,
     scaled_dot_product_attention,
+    softmax_top_k,
     switch_glu,
 )
 from mlx_moe_kernels import dense
@@ -58,6 +60,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "rope",
     "rms_norm",
+    "softmax_top_k",
     "dense",
     "SwiGLU",
     "SwitchLinear",

@@ -293,6 +293,35 @@ def rope(
                      offset=int(offset), stream=stream)
 
 
+def softmax_top_k(
+    logits: mx.array, k: int, normalize: bool = False, *, stream: StreamOrDevice = None
+) -> Tuple[mx.array, mx.array]:
+    """A softmax router's expert choice (Qwen2-MoE, Qwen3-MoE): for every
+    row of ``logits`` ``[..., E]``, the ``k`` experts of highest probability
+    ``softmax(logits)`` (computed in float32) and their probabilities in the
+    logits' dtype, renormalized to sum to one over the ``k`` when
+    ``normalize`` (a config's ``norm_topk_prob``).
+
+    The same numbers as the composition mlx-lm's MoE blocks run
+    (:func:`mlx_moe_kernels.reference.softmax_top_k`: ``mx.softmax(...,
+    precise=True)``, ``mx.argpartition``, ``mx.take_along_axis``, a sum and
+    a division, each rounded to the logits' dtype), as one CPU kernel: at
+    one token those are six graph nodes of a few microseconds each for 128
+    numbers, per layer and token. Elsewhere the composition itself.
+
+    Returns:
+        ``(indices, scores)``: ``[..., k]`` each; ``indices`` uint32, on the
+        CPU most probable first (among equal logits the lower expert first),
+        on other devices in ``mx.argpartition``'s order; ``scores`` in the
+        logits' dtype, differentiable in ``logits``.
+
+    Raises:
+        ValueError: For ``k`` outside ``[1, E]``, a scalar, or logits that
+            are not float32, float16 or bfloat16.
+    """
+    return _ext.softmax_top_k(logits, k, normalize, stream=stream)
+
+
 def rms_norm(
     x: mx.array, weight: Optional[mx.array], eps: float, *, stream: StreamOrDevice = None
 ) -> mx.array:

@@ -125,6 +125,19 @@ def route(indices: mx.array, num_experts: int, *, stream=None):
     return order, offsets.astype(mx.uint32)
 
 
+def softmax_top_k(logits: mx.array, k: int, normalize: bool = False, *, stream=None):
+    """Reference ``softmax_top_k``, mlx-lm's composition: float32 softmax
+    (rounded to the logits' dtype), the ``k`` largest by ``mx.argpartition``
+    (in its order), their probabilities, renormalized over the ``k`` when
+    ``normalize``. Returns ``(indices uint32, scores)``."""
+    probs = mx.softmax(logits, axis=-1, precise=True, stream=stream)
+    indices = mx.stop_gradient(mx.argpartition(probs, kth=-k, axis=-1, stream=stream)[..., -k:])
+    scores = mx.take_along_axis(probs, indices, axis=-1, stream=stream)
+    if normalize:
+        scores = scores / scores.sum(axis=-1, keepdims=True, stream=stream)
+    return indices.astype(mx.uint32), scores
+
+
 def dequantize(
     weight: mx.array,
     scales: mx.array,

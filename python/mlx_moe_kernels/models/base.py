@@ -239,14 +239,10 @@ class MLP(nn.Module):
 def route_topk(router_logits: mx.array, k: int, normalize: bool) -> Tuple[mx.array, mx.array]:
     """Softmax routing: the ``k`` experts of highest probability per token
     and their probabilities (``[..., k]`` each), renormalized to sum to one
-    when ``normalize`` (a config's ``norm_topk_prob``). The softmax runs in
-    float32 (``precise``)."""
-    probs = mx.softmax(router_logits, axis=-1, precise=True)
-    inds = mx.stop_gradient(mx.argpartition(probs, kth=-k, axis=-1)[..., -k:])
-    scores = mx.take_along_axis(probs, inds, axis=-1)
-    if normalize:
-        scores = scores / scores.sum(axis=-1, keepdims=True)
-    return inds, scores
+    when ``normalize`` (a config's ``norm_topk_prob``); the softmax runs in
+    float32. One kernel on the CPU (:func:`mlx_moe_kernels.ops.softmax_top_k`),
+    mlx-lm's composition elsewhere."""
+    return ops.softmax_top_k(router_logits, k, normalize)
 
 
 def run_experts(switch_mlp: SwitchGLU, x: mx.array, inds: mx.array, scores: mx.array, fused: bool) -> mx.array:
