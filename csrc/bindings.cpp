@@ -195,6 +195,7 @@ NB_MODULE(_ext, m) {
       "indices"_a,
       "scores"_a = nb::none(),
       nb::kw_only(),
+      "first_expert"_a = nb::none(),
       "stream"_a = nb::none(),
       "Fused SwitchGLU of a MoE layer (see mlx_moe_kernels.switch_glu).");
 
@@ -204,10 +205,10 @@ NB_MODULE(_ext, m) {
          mx::array up_w, mx::array up_s, std::optional<mx::array> up_b, mx::array down_w,
          mx::array down_s, std::optional<mx::array> down_b, mx::array indices,
          std::optional<mx::array> scores, std::optional<int> group_size, std::optional<int> bits,
-         const std::string& mode, mx::StreamOrDevice stream) {
+         const std::string& mode, std::optional<int> first_expert, mx::StreamOrDevice stream) {
         return mlx_moe::switch_glu_quantized(
             x, {gate_w, gate_s, gate_b}, {up_w, up_s, up_b}, {down_w, down_s, down_b}, indices,
-            scores, group_size, bits, mode, stream);
+            scores, group_size, bits, mode, first_expert, stream);
       },
       "x"_a,
       "gate_weight"_a,
@@ -225,6 +226,7 @@ NB_MODULE(_ext, m) {
       "bits"_a = nb::none(),
       "mode"_a = "affine",
       nb::kw_only(),
+      "first_expert"_a = nb::none(),
       "stream"_a = nb::none(),
       "Fused SwitchGLU on quantized experts (see mlx_moe_kernels.switch_glu).");
 

@@ -603,6 +603,39 @@ void require(bool condition, const std::function<std::string()>& message) {
   }
 }
 
+// Expert parallelism: the weights hold experts [first, first + E) of a
+// larger set. A slot's expert id becomes its local index, and a slot routed
+// to another rank's experts goes to bucket E: the routing then has E + 1
+// buckets, and the kernels, which walk the weights' E experts, never touch
+// bucket E (no reads of absent experts, no rows computed for them).
+struct LocalSlots {
+  mx::array ids; // uint32 [tokens, k], in [0, E]
+  mx::array here; // bool [tokens, k]: the slot's expert is in this rank's range
+};
+
+LocalSlots local_slots(const mx::array& indices, int first, int num_experts, int tokens, int top_k,
+                       const mx::Stream& stream) {
+  require(mx::issubdtype(indices.dtype(), mx::integer), [&] {
+    std::ostringstream m;
+    m << "indices must be integers, got " << indices.dtype() << ".";
+    return m.str();
+  });
+  require(first >= 0, [&] { return "first_expert must be >= 0, got " + std::to_string(first) + "."; });
+  auto local = mx::subtract(mx::astype(indices, mx::int64, stream), mx::array(int64_t{first}), stream);
+  auto here = mx::logical_and(
+      mx::greater_equal(local, mx::array(int64_t{0}), stream),
+      mx::less(local, mx::array(int64_t{num_experts}), stream), stream);
+  auto ids = mx::astype(mx::where(here, local, mx::array(int64_t{num_experts}), stream), mx::uint32, stream);
+  return {mx::reshape(ids, {tokens, top_k}, stream), mx::reshape(here, {tokens, top_k}, stream)};
+}
+
+// The output rows [tokens * k, D] of slots routed to other ranks set to
+// zero (the kernels never write them).
+mx::array zero_other_ranks_rows(const mx::array& out, const mx::array& here, const mx::Stream& stream) {
+  auto mask = mx::reshape(here, {-1, 1}, stream);
+  return mx::where(mask, out, mx::zeros({1}, out.dtype(), stream), stream);
+}
+
 } // namespace
 
 std::pair<mx::array, mx::array> route(mx::array indices, int num_experts, mx::StreamOrDevice s) {
@@ -634,6 +667,7 @@ mx::array switch_glu(
     mx::array down_weight,
     mx::array indices,
     std::optional<mx::array> scores,
+    std::optional<int> first_expert,
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   const bool fused = !gate_weight.has_value();
@@ -673,7 +707,7 @@ mx::array switch_glu(
   }
   const int top_k = indices.shape(-1);
   require(top_k >= 1, [&] { return std::string("indices must select at least one expert per token (k >= 1)."); });
-  require(top_k <= num_experts, [&] {
+  require(top_k <= num_experts || first_expert, [&] {
     return "indices selects k=" + std::to_string(top_k) + " experts per token but there are only " +
         std::to_string(num_experts) + " experts.";
   });
@@ -704,9 +738,14 @@ mx::array switch_glu(
   mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
   const int tokens = std::accumulate(lead.begin(), lead.end(), 1, std::multiplies<int>());
   auto x2 = mx::reshape(mx::astype(x, dtype, stream), {tokens, model_dims}, stream);
-  auto idx = mx::reshape(
-      checked_uint32_indices(indices, num_experts, "switch_glu", "indices", stream),
-      {tokens, top_k}, stream);
+  std::optional<LocalSlots> local;
+  if (first_expert) {
+    local = local_slots(indices, *first_expert, num_experts, tokens, top_k, stream);
+  }
+  auto idx = local ? local->ids
+                   : mx::reshape(
+                         checked_uint32_indices(indices, num_experts, "switch_glu", "indices", stream),
+                         {tokens, top_k}, stream);
   std::optional<mx::array> scores2;
   if (scores) {
     scores2 = mx::reshape(mx::astype(*scores, mx::float32, stream), {tokens, top_k}, stream);
@@ -761,17 +800,36 @@ mx::array switch_glu(
     return std::make_tuple(xs, gate, up, down, ids, sc);
   };
 
+  if (local && (num_experts == 0 || tokens == 0)) {
+    // No local experts (or no tokens): nothing is routed here.
+    return finish(mx::zeros(has_scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims},
+                            dtype, stream));
+  }
   if (!has_kernels_for(stream) &&
       !metal_switch_glu(stream, tokens, top_k, model_dims, hidden_dims, num_experts, dtype, has_scores)) {
     auto [xs, gate, up, down, ids, sc] = unpack(inputs);
-    return finish(switch_glu_composed(xs, gate, up, down, ids, sc, stream));
+    if (local) {
+      // The composition reads expert 0 for other ranks' slots and weights
+      // them by zero (a fallback path: correct, not lean).
+      ids = mx::where(local->here, ids, mx::array(0u, mx::uint32), stream);
+      if (sc) {
+        sc = mx::multiply(*sc, mx::astype(local->here, mx::float32, stream), stream);
+      }
+    }
+    auto out = switch_glu_composed(xs, gate, up, down, ids, sc, stream);
+    if (local && !sc) {
+      out = mx::reshape(
+          zero_other_ranks_rows(mx::reshape(out, {tokens * top_k, model_dims}, stream), local->here, stream),
+          out.shape(), stream);
+    }
+    return finish(out);
   }
 
   // Route once; both fused kernels read the same routing. Each primitive
   // carries its own vjp (primitives.cpp), so the graph also works under
   // mx.compile(shapeless=True).
   auto [xs, gate, up, down, ids, sc] = unpack(inputs);
-  auto routed = make_routing(ids, num_experts, "switch_glu", stream);
+  auto routed = make_routing(ids, num_experts + (local ? 1 : 0), "switch_glu", stream);
   auto hidden = mx::array(
       {tokens * top_k, hidden_dims},
       dtype,
@@ -785,6 +843,10 @@ mx::array switch_glu(
       has_scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
   auto out = mx::array(
       std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k), std::move(down_inputs));
+  if (local) {
+    // Every id is in [0, E]: the routing cannot fail.
+    return finish(has_scores ? out : zero_other_ranks_rows(out, local->here, stream));
+  }
   return finish(poison_on_bad_routing(out, routed[3], stream));
 }
 
@@ -799,6 +861,7 @@ mx::array switch_glu_quantized(
     std::optional<int> group_size,
     std::optional<int> bits,
     const std::string& mode,
+    std::optional<int> first_expert,
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   const QuantizationFormat f = quantization_format(group_size, bits, mode, "switch_glu");
@@ -836,7 +899,7 @@ mx::array switch_glu_quantized(
     });
   }
   const int top_k = indices.shape(-1);
-  require(top_k >= 1 && top_k <= num_experts, [&] {
+  require(top_k >= 1 && (top_k <= num_experts || first_expert), [&] {
     return "indices must select between 1 and E = " + std::to_string(num_experts) +
         " experts per token, got k = " + std::to_string(top_k) + ".";
   });
@@ -864,8 +927,15 @@ mx::array switch_glu_quantized(
   mx::Shape lead(x.shape().begin(), x.shape().end() - 1);
   const int tokens = std::accumulate(lead.begin(), lead.end(), 1, std::multiplies<int>());
   auto x2 = mx::contiguous(mx::reshape(mx::astype(x, dtype, stream), {tokens, model_dims}, stream), false, stream);
-  auto idx = mx::contiguous(mx::reshape(
-      checked_uint32_indices(indices, num_experts, "switch_glu", "indices", stream), {tokens, top_k}, stream),
+  std::optional<LocalSlots> local;
+  if (first_expert) {
+    local = local_slots(indices, *first_expert, num_experts, tokens, top_k, stream);
+  }
+  auto idx = mx::contiguous(
+      local ? local->ids
+            : mx::reshape(
+                  checked_uint32_indices(indices, num_experts, "switch_glu", "indices", stream), {tokens, top_k},
+                  stream),
       false, stream);
   std::optional<mx::array> scores2;
   if (scores) {
@@ -893,9 +963,21 @@ mx::array switch_glu_quantized(
     return mx::astype(mx::reshape(out, shape, stream), out_dtype, stream);
   };
 
+  if (local && (num_experts == 0 || tokens == 0)) {
+    return finish(mx::zeros(scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims},
+                            dtype, stream));
+  }
   if (!has_kernels_for(stream) &&
       !metal_switch_glu_quantized(stream, tokens, top_k, model_dims, hidden_dims, num_experts, f, dtype,
                                   scores.has_value())) {
+    if (local) {
+      // As the float composition: expert 0 read for other ranks' slots,
+      // weighted by zero.
+      idx = mx::where(local->here, idx, mx::array(0u, mx::uint32), stream);
+      if (scores2) {
+        scores2 = mx::multiply(*scores2, mx::astype(local->here, mx::float32, stream), stream);
+      }
+    }
     // mlx-lm's composition (on our gather_qmm: MLX's gather_qmm except on
     // Metal GPUs, where our kernels run it).
     auto project = [&](const mx::array& a, const QuantizedWeight& w, std::optional<mx::array> lhs) {
@@ -916,12 +998,16 @@ mx::array switch_glu_quantized(
     auto y = mx::squeeze(project(h, down, std::nullopt), 2, stream);
     if (scores2) {
       y = mx::sum(mx::multiply(y, mx::expand_dims(mx::astype(*scores2, y.dtype(), stream), -1, stream), stream), 1, false, stream);
+    } else if (local) {
+      y = mx::reshape(
+          zero_other_ranks_rows(mx::reshape(y, {tokens * top_k, model_dims}, stream), local->here, stream),
+          y.shape(), stream);
     }
     return finish(y);
   }
 
   const WeightQuantization quantization{f.group_size, f.bits, f.mode, f.mode == "affine"};
-  auto routed = make_routing(idx, num_experts, "switch_glu", stream);
+  auto routed = make_routing(idx, num_experts + (local ? 1 : 0), "switch_glu", stream);
   const mx::array status = routed.back();
   routed.pop_back();  // the kernels take order, offsets, sorted_experts
   std::vector<mx::array> gate_up_inputs{x2};
@@ -944,6 +1030,10 @@ mx::array switch_glu_quantized(
   auto out = mx::array(
       std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k, quantization),
       std::move(down_inputs));
+  if (local) {
+    // Every id is in [0, E]: the routing cannot fail.
+    return finish(scores ? out : zero_other_ranks_rows(out, local->here, stream));
+  }
   return finish(poison_on_bad_routing(out, status, stream));
 }
 

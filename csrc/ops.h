@@ -53,6 +53,10 @@ mx::array gather_qmm(
 // up_weight [E, H, D]; down_weight [E, D, H]; indices [..., k]. With
 // gate_weight empty, up_weight is one fused gate_up weight [E, 2H, D] (gate
 // rows first). Differentiable in x, the weights and scores.
+// With first_expert (expert parallelism), the weights are experts
+// [first_expert, first_expert + E) of a larger set: slots whose expert is
+// outside that range contribute nothing (zero rows without scores) and no
+// kernel reads or computes anything for them; no index is out of range.
 mx::array switch_glu(
     mx::array x,
     std::optional<mx::array> gate_weight,
@@ -60,6 +64,7 @@ mx::array switch_glu(
     mx::array down_weight,
     mx::array indices,
     std::optional<mx::array> scores = std::nullopt,
+    std::optional<int> first_expert = std::nullopt,
     mx::StreamOrDevice s = {});
 
 // A softmax router's expert choice: the k most probable experts of each
@@ -142,6 +147,7 @@ mx::array switch_glu_quantized(
     std::optional<int> group_size = std::nullopt,
     std::optional<int> bits = std::nullopt,
     const std::string& mode = "affine",
+    std::optional<int> first_expert = std::nullopt,
     mx::StreamOrDevice s = {});
 
 // The routing step on its own: the slots (t * k + j) of indices [..., k]

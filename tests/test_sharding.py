@@ -63,6 +63,42 @@ def test_two_ranks_tensor_parallel(arch, fmt, attention):
         assert result["bytes_after"] < 0.85 * result["bytes_before"], result
 
 
+EXPERT_CASES = [(arch, fmt, "replicate") for arch in ("qwen2_moe", "qwen3_moe", "qwen3_vl_moe")
+                for fmt in ("float32", "bfloat16", "q4")] + [("qwen3_moe", "q4", "tensor"), ("qwen2_moe", "float32", "tensor")]
+
+
+@pytest.mark.parametrize("arch, fmt, attention", EXPERT_CASES)
+def test_two_ranks_expert_parallel(arch, fmt, attention):
+    """Each rank keeps 4 of the 8 experts whole (and half of a shared
+    expert / dense MLP): the same tolerances and memory rule as tensor
+    parallelism, and routings that send every slot to one rank's experts
+    leave the other rank's partial exactly zero."""
+    results = launch(2, arch, fmt, "expert", attention)
+    for result in results:
+        assert "error" not in result, result
+        assert result["max_block_error"] <= result["tolerance"], result
+        if fmt != "bfloat16":
+            assert result["max_error"] <= result["tolerance"], result
+            assert result["tokens_equal"], result
+        assert abs(result["bytes_after"] - result["bytes_expected"]) <= 0.05 * result["bytes_expected"], result
+        assert result["max_routed_error"] <= result["tolerance"], result
+        assert set(result["first_expert"]) == {4 * result["rank"]}, result
+    # Of each pair of forced routings (all on rank 0, all on rank 1), one
+    # leaves this rank idle.
+    assert all(r["idle_cases"] == r["routed_cases"] // 2 for r in results), results
+
+
+def test_four_ranks_expert_parallel():
+    results = launch(4, "qwen2_moe", "q4", "expert", "tensor")
+    for result in results:
+        assert "error" not in result, result
+        assert result["max_error"] <= result["tolerance"] and result["tokens_equal"], result
+        assert result["max_routed_error"] <= result["tolerance"], result
+    # Routings onto experts 0-1 (rank 0) and 6-7 (rank 3): ranks 1 and 2
+    # are idle in both, ranks 0 and 3 in one.
+    assert [r["idle_cases"] * 2 // r["routed_cases"] for r in sorted(results, key=lambda r: r["rank"])] == [1, 2, 2, 1]
+
+
 @pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
 def test_four_ranks_tensor_parallel(arch):
     for result in launch(4, arch, "q4", "tensor", "tensor"):
@@ -89,7 +125,9 @@ def test_bad_setup_fails_on_every_rank():
     ends (no rank left in a collective); an unknown mode likewise."""
     results = launch(3, "qwen3_moe", "float32", "tensor", "tensor")
     assert all("hidden size 128" in r["error"] and "group size 3" in r["error"] for r in results), results
-    results = launch(2, "qwen3_moe", "q4", "expert", "replicate")
+    results = launch(3, "qwen3_moe", "q4", "expert", "replicate")
+    assert all("num_experts 8" in r["error"] and "group size 3" in r["error"] for r in results), results
+    results = launch(2, "qwen3_moe", "q4", "bogus", "replicate")
     assert all("experts must be one of" in r["error"] for r in results), results
     results = launch(3, "qwen3_moe", "float32", "pipeline", "-")
     assert all("cannot split 2 decoder layers into 3" in r["error"] for r in results), results
@@ -97,7 +135,9 @@ def test_bad_setup_fails_on_every_rank():
     assert all("already sharded" in r["error"] for r in results), results
 
 
-@pytest.mark.parametrize("shard, attention", [("pipeline", "replicate"), ("tensor", "replicate"), ("tensor", "tensor")])
+@pytest.mark.parametrize(
+    "shard, attention", [("pipeline", "replicate"), ("tensor", "replicate"), ("tensor", "tensor"), ("expert", "replicate")]
+)
 @pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
 def test_load_model_sharded(tmp_path, arch, shard, attention):
     """``load_model(path, shard=...)`` on 2 ranks gives the whole model's

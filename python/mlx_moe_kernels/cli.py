@@ -372,9 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="back the weights with transparent huge pages after loading (Linux; faster CPU decoding)",
     )
     generate_parser.add_argument(
-        "--shard", choices=["tensor", "pipeline"],
+        "--shard", choices=["tensor", "expert", "pipeline"],
         help="run sharded over mx.distributed (start it with mlx.launch; see the README's "
         "'Across machines'): 'tensor' splits every expert's hidden size across the ranks, "
+        "'expert' gives each rank whole experts (E / n of them), "
         "'pipeline' the decoder layers into one stage per rank",
     )
     generate_parser.add_argument(

@@ -293,7 +293,15 @@ class SwitchGLU(nn.Module):
         activation: Called as ``activation(up, gate)``; ``None`` (the
             default) is :class:`SwiGLU`.
         bias: Whether the projections have per-expert biases.
+
+    ``first_expert`` (``None``; set by expert-parallel sharding,
+    :mod:`mlx_moe_kernels.sharding`): the projections then hold experts
+    ``first_expert ..`` of a larger set, indices are ids in that set, and
+    slots routed to experts outside the range contribute nothing (see
+    :func:`~mlx_moe_kernels.switch_glu`).
     """
+
+    first_expert: Optional[int] = None
 
     def __init__(
         self,
@@ -367,6 +375,7 @@ class SwitchGLU(nn.Module):
                 self.down_proj["weight"],
                 indices,
                 scores,
+                first_expert=self.first_expert,
             )
         if quantization and indices.shape[:-1] == x.shape[:-1]:
             group_size, bits, mode = quantization
@@ -380,11 +389,21 @@ class SwitchGLU(nn.Module):
                 group_size=group_size,
                 bits=bits,
                 mode=mode,
+                first_expert=self.first_expert,
             )
+        here = None
+        if self.first_expert is not None:
+            # The composition on this rank's experts: other ranks' slots
+            # read local expert 0 and are zeroed.
+            local = indices.astype(mx.int64) - self.first_expert
+            here = (local >= 0) & (local < self.down_proj["weight"].shape[0])
+            indices = mx.where(here, local, 0).astype(mx.uint32)
         rows = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
         up = self.up_proj(rows, indices)  # [..., k, 1, H]
         gate = self.gate_proj(rows, indices)
         out = self.down_proj(self.activation(up, gate), indices).squeeze(-2)
+        if here is not None:
+            out = mx.where(here[..., None], out, 0)
         if scores is None:
             return out
         return (out * scores[..., None]).sum(axis=-2)

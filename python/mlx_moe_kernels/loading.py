@@ -330,7 +330,7 @@ def _check_and_cast(
     return out
 
 
-SHARD_MODES = ("tensor", "pipeline")
+SHARD_MODES = ("tensor", "expert", "pipeline")
 
 
 def load_model(
@@ -358,14 +358,15 @@ def load_model(
             decoding on the CPU for a one-time cost at load.
         group: The ``mx.distributed`` group to shard over (default:
             ``mx.distributed.init()``); used with ``shard``.
-        shard: ``None`` (the whole model), ``"tensor"``
-            (:func:`mlx_moe_kernels.sharding.shard_model` with experts
-            "tensor" and ``attention``) or ``"pipeline"``
+        shard: ``None`` (the whole model), ``"tensor"`` or ``"expert"``
+            (:func:`mlx_moe_kernels.sharding.shard_model` with that experts
+            mode and ``attention``) or ``"pipeline"``
             (:func:`mlx_moe_kernels.sharding.pipeline_model`). The weights
             are sharded before they are read: a pipeline stage reads only
-            its layers from the files; tensor parallelism reads a layer's
-            tensors one layer at a time and keeps the rank's slices.
-        attention: With ``shard="tensor"``: ``"replicate"`` or ``"tensor"``.
+            its layers from the files; tensor and expert parallelism read a
+            layer's tensors one layer at a time and keep the rank's slices.
+        attention: With ``shard="tensor"`` or ``"expert"``:
+            ``"replicate"`` or ``"tensor"``.
 
     Returns:
         The model, with every parameter from the checkpoint (evaluated), and
@@ -401,7 +402,7 @@ def load_model(
         if shard == "pipeline":
             pipeline_model(model, group)
         else:
-            shard_model(model, group, experts="tensor", attention=attention)
+            shard_model(model, group, experts=shard, attention=attention)
     mx.eval(model.parameters())
     if huge_pages:
         use_huge_pages(model)

@@ -354,6 +354,7 @@ def switch_glu(
     group_size: Optional[int] = None,
     bits: Optional[int] = None,
     mode: str = "affine",
+    first_expert: Optional[int] = None,
     stream: StreamOrDevice = None,
 ) -> mx.array:
     """The expert part of a Mixture-of-Experts layer in one fused op:
@@ -394,6 +395,14 @@ def switch_glu(
             ``indices``.
         group_size, bits, mode: The quantization format when the weights
             are quantized (as :func:`gather_qmm`); ignored otherwise.
+        first_expert: Expert parallelism: the weights hold experts
+            ``first_expert .. first_expert + E - 1`` of a larger set, and
+            ``indices`` are ids in that set. A slot whose expert is outside
+            the range contributes nothing (its row is zero without
+            ``scores``); the routing puts those slots in a bucket no kernel
+            visits, so nothing is read or computed for them. ``k`` may then
+            exceed ``E`` and no id is out of range. Not differentiable in
+            this mode (inference sharding).
         stream: Stream or device; on devices where this build has no
             kernel (GPUs, for now) the op is composed from ``mx.gather_mm``
             (``mx.gather_qmm``).
@@ -438,9 +447,11 @@ def switch_glu(
                 )
             parts.extend(triple)
         return _ext.switch_glu_quantized(
-            x, *parts, indices, scores, group_size, bits, mode, stream=stream
+            x, *parts, indices, scores, group_size, bits, mode, first_expert=first_expert, stream=stream
         )
-    return _ext.switch_glu(x, gate_weight, up_weight, down_weight, indices, scores, stream=stream)
+    return _ext.switch_glu(
+        x, gate_weight, up_weight, down_weight, indices, scores, first_expert=first_expert, stream=stream
+    )
 
 
 def route(

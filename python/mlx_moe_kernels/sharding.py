@@ -9,6 +9,16 @@ Tensor parallelism, as far as it goes today:
   the block's output, routing scores and the shared expert's sigmoid gate
   already applied (both are replicated and act per token, so they commute
   with the sum), and one ``all_sum`` of ``[T, D]`` per block completes it.
+- experts ``"expert"``: every rank keeps ``E / n`` whole routed experts
+  (the router stays replicated). Its fused ``switch_glu`` gets the rank's
+  expert range (``SwitchGLU.first_expert``) and routes the slots of other
+  ranks' experts into a bucket no kernel visits: nothing is read or
+  computed for them, and the rank returns the partial, score-weighted sum
+  of its own experts. Qwen2-MoE's shared expert and dense MLP layers are cut
+  by hidden dimension as in ``"tensor"``, so one ``all_sum`` per block
+  still completes it. Each rank reads ``k / n`` experts per token on
+  average (balanced routing), whole rows, instead of ``1 / n`` of each of
+  the ``k``.
 - attention ``"tensor"``: heads split across ranks (query heads and KV
   heads both divisible by ``n``), ``o_proj``'s input columns with them, one
   ``all_sum`` after ``o_proj``; ``"replicate"``: every rank runs the whole
@@ -22,8 +32,6 @@ neighbours only on the ring backend, which is all a pipeline needs), and
 the last stage's output is then shared with every rank by one ``all_sum``
 (the other ranks add zeros), so every rank computes the same logits.
 
-Not built yet (see the README): expert parallelism and loading only a
-rank's slices from the checkpoint.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-EXPERT_MODES = ("tensor",)
+EXPERT_MODES = ("tensor", "expert")
 ATTENTION_MODES = ("tensor", "replicate")
 
 
@@ -162,17 +170,50 @@ def _head_dim(attention: nn.Module, size: int, what: str) -> int:
     return head_dim
 
 
-def _check_layer(layer: nn.Module, size: int, attention: str, what: str) -> None:
+def _expert_share(mlp: nn.Module, size: int, rank: int, what: str):
+    """Rank ``rank``'s range of whole routed experts (checked: divisible)."""
+    experts = mlp.switch_mlp.down_proj["weight"].shape[0]
+    return _share(experts, size, rank, f"{what} experts by expert (num_experts {experts})")
+
+
+def _by_expert(mlp: nn.Module, experts: str) -> bool:
+    """Whether ``mlp``'s routed experts are split whole (expert parallelism)."""
+    return experts == "expert" and "switch_mlp" in mlp
+
+
+def _check_layer(layer: nn.Module, size: int, experts: str, attention: str, what: str) -> None:
     """The divisibility checks of one layer, without changing it."""
-    for _, _, down, name in _swiglus(layer.mlp, what):
-        _hidden_share(down, size, 0, name)
+    for gate, _, down, name in _swiglus(layer.mlp, what):
+        if _by_expert(layer.mlp, experts) and gate is layer.mlp.switch_mlp.gate_proj:
+            _expert_share(layer.mlp, size, 0, what)
+        else:
+            _hidden_share(down, size, 0, name)
     if attention == "tensor":
         _head_dim(layer.self_attn, size, what)
 
 
-def _shard_mlp(mlp: nn.Module, size: int, rank: int, what: str) -> None:
-    """Tensor-parallel slices of a sparse MoE block or a dense SwiGLU MLP."""
+def _slice_experts(layer: nn.Module, start: int, stop: int) -> None:
+    """Keep experts ``[start, stop)`` of a (quantized) switch linear layer:
+    the leading axis of weight, scales, biases and bias."""
+    layer.update({
+        name: _copy(layer[name][start:stop])
+        for name in ("weight", "scales", "biases", "bias")
+        if name in layer and layer[name] is not None
+    })
+
+
+def _shard_mlp(mlp: nn.Module, size: int, rank: int, experts: str, what: str) -> None:
+    """The rank's slices of a sparse MoE block or a dense SwiGLU MLP:
+    every SwiGLU cut along its hidden dimension, except, with ``experts ==
+    "expert"``, the routed experts, of which the rank keeps whole experts
+    (its ``switch_mlp`` then skips slots routed elsewhere)."""
     for gate, up, down, name in _swiglus(mlp, what):
+        if _by_expert(mlp, experts) and gate is mlp.switch_mlp.gate_proj:
+            start, stop = _expert_share(mlp, size, rank, what)
+            for projection in (gate, up, down):
+                _slice_experts(projection, start, stop)
+            mlp.switch_mlp.first_expert = start
+            continue
         start, stop = _hidden_share(down, size, rank, name)
         _slice_outputs(gate, start, stop)
         _slice_outputs(up, start, stop)
@@ -206,7 +247,7 @@ def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None, 
             changed when it raises (all checks run before any slicing).
     """
     if experts not in EXPERT_MODES:
-        raise ValueError(f"experts must be one of {EXPERT_MODES} (expert parallelism is not built yet), got {experts!r}")
+        raise ValueError(f"experts must be one of {EXPERT_MODES}, got {experts!r}")
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     group = group if group is not None else mx.distributed.init()
@@ -221,12 +262,12 @@ def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None, 
     # Dry run on every rank first so a bad setup raises before any change
     # (and on every rank alike: no rank is left waiting in a collective).
     for index, layer in enumerate(layers):
-        _check_layer(layer, size, attention, f"layer {index}")
+        _check_layer(layer, size, experts, attention, f"layer {index}")
     for index, layer in enumerate(layers):
         if attention == "tensor":
             _shard_attention(layer.self_attn, size, rank, f"layer {index}")
             _sum_outputs(layer.self_attn, group)
-        _shard_mlp(layer.mlp, size, rank, f"layer {index}")
+        _shard_mlp(layer.mlp, size, rank, experts, f"layer {index}")
         _sum_outputs(layer.mlp, group)
         # Layer by layer: a lazily loaded model then holds one layer's full
         # tensors at a time, never the whole model.

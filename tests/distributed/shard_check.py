@@ -125,6 +125,29 @@ def relative_error(got, want) -> float:
     return float(mx.abs(got - want).max()) / max(1.0, float(mx.abs(want).max()))
 
 
+def forced_routings(model):
+    """Per MoE layer, the experts' output (unsharded) for routings that
+    send every slot to the first two experts (all on rank 0 when sharded
+    by expert) or to the last two (all on the last rank)."""
+    x = mx.random.normal((4, _hidden(model)), key=mx.random.key(1))
+    cases = []
+    for layer in layers_of(model):
+        if "switch_mlp" not in layer.mlp:
+            continue
+        experts = layer.mlp.switch_mlp.down_proj["weight"].shape[0]
+        for ids in ([0, 1], [experts - 2, experts - 1]):
+            indices = mx.array([ids] * 4, dtype=mx.uint32)
+            scores = mx.array([[0.25, 0.75]] * 4, dtype=mx.float32)
+            cases.append((layer, x, indices, scores, layer.mlp.switch_mlp(x, indices, scores)))
+    mx.eval([case[-1] for case in cases])
+    return cases
+
+
+def _hidden(model) -> int:
+    language = model.language_model if "language_model" in model else model
+    return language.model.norm.weight.shape[0]
+
+
 def main() -> None:
     arch, fmt, experts, attention = sys.argv[1:5]
     group = mx.distributed.init()
@@ -134,6 +157,7 @@ def main() -> None:
     records = block_inputs(model)
     tokens_reference = greedy(model) if fmt != "bfloat16" else None
     greedy_reference = greedy(model) if tokens_reference is None and experts == "pipeline" else None
+    routed = forced_routings(model) if experts == "expert" else []
     result["bytes_before"] = resident_bytes(model)
     if experts != "pipeline":
         result["bytes_expected"] = expected_tensor_bytes(model, group.size(), attention)
@@ -165,6 +189,18 @@ def main() -> None:
         errors.append(relative_error(layer.self_attn(attention_in, mask="causal"), attention_out))
         errors.append(relative_error(layer.mlp(mlp_in), mlp_out))
     result["max_block_error"] = max(errors)
+    if routed:
+        # Every slot on one rank's experts: that rank computes all of it,
+        # the others nothing (their partial is zero), and the sum is whole.
+        routed_errors, idle_ranks = [], 0
+        for layer, x, indices, scores, want in routed:
+            partial = layer.mlp.switch_mlp(x, indices, scores)
+            idle_ranks += int(float(mx.abs(partial).max()) == 0.0)
+            routed_errors.append(relative_error(mx.distributed.all_sum(partial, group=group), want))
+        result["max_routed_error"] = max(routed_errors)
+        result["idle_cases"] = idle_ranks
+        result["routed_cases"] = len(routed)
+        result["first_expert"] = [layer.mlp.switch_mlp.first_expert for layer, *_ in routed]
     # End to end: in bfloat16 a near-tie of two router logits may pick
     # another expert after partial sums are added in another order (correct
     # but not comparable), so the logits and tokens are compared for the
