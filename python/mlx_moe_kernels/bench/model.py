@@ -273,17 +273,31 @@ def time_prefill(lm: nn.Module, prompt: mx.array, repeats: int) -> List[float]:
 
 
 def decode_steps(lm: nn.Module, first_token: int, steps: int) -> List[float]:
-    """Seconds of each of ``steps`` greedy decode steps from a fresh cache:
-    one token in, logits, argmax, evaluated."""
+    """Seconds of each of ``steps`` greedy decode steps from a fresh cache
+    (one token in, logits, argmax), pipelined as
+    :func:`mlx_moe_kernels.generate.generate_tokens` runs them: step
+    ``n + 1``'s graph is built and its evaluation started before step
+    ``n``'s token is read back. A step's time is the interval between two
+    tokens becoming available on the host."""
     cache = make_cache(lm)
-    token = mx.array([[first_token]], dtype=mx.int32)
+
+    def next_token(token: mx.array) -> mx.array:
+        return mx.argmax(lm(token, cache)[:, -1, :], axis=-1, keepdims=True)
+
+    start = time.perf_counter()
+    token = next_token(mx.array([[first_token]], dtype=mx.int32))
+    mx.async_eval(token)
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        logits = lm(token, cache)
-        token = mx.argmax(logits[:, -1, :], axis=-1, keepdims=True)
-        mx.eval(token)
-        times.append(time.perf_counter() - start)
+    for n in range(steps):
+        following = None
+        if n + 1 < steps:
+            following = next_token(token)
+            mx.async_eval(following)
+        token.item()
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+        token = following
     return times
 
 
