@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
             "build a whole model with random weights from a built-in config (--model, "
             "truncated to --layers) or load --checkpoint, and per --format measure prefill "
             "tokens/s (the last position's logits only), decode tokens/s (greedy steps from a "
-            "fresh cache, as llama-bench's tg), the parts of a decode step (experts, router, "
+            "fresh cache, as llama-bench's tg, pipelined as generate runs them), the parts of a decode step (experts, router, "
             "attention projections, attention, lm_head, rest) in ms and GB/s, and the share "
             "of a read-bandwidth probe that a step's bytes reach",
             width=_HELP_WIDTH - 2,

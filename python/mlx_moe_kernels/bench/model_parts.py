@@ -48,6 +48,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_moe_kernels import ops
 from mlx_moe_kernels.bench.timing import CacheEvictor
 from mlx_moe_kernels.bench.workloads import cache_cold_routings
 from mlx_moe_kernels.models.base import KVCache, make_cache, route_topk
@@ -121,7 +122,7 @@ def attention_core(attn: nn.Module, q: mx.array, k: mx.array, v: mx.array, cache
     q = attn.rope(q, offset=cache.offset)
     k = attn.rope(k, offset=cache.offset)
     k, v = cache.update_and_fetch(k, v)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=None)
+    out = ops.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=None)
     return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
 
