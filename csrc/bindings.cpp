@@ -12,6 +12,7 @@
 #include "metal/switch_glu_plan.h"
 #include "metal/switch_glu_quantized_plan.h"
 #include "cpu/huge_pages.h"
+#include "cpu/kernels.h"
 #include "ops.h"
 
 namespace nb = nanobind;
@@ -76,6 +77,12 @@ nb::dict switch_glu_plan(const Plan& plan) {
 
 NB_MODULE(_ext, m) {
   m.doc() = "C++ MLX primitives of mlx_moe_kernels (use the mlx_moe_kernels package).";
+
+  m.def(
+      "_cpu_kernel_build",
+      [] { return std::string(mlx_moe::cpu::cpu_kernels().name); },
+      "The CPU kernel build in use: avx512, avx2 or portable (the best the CPU supports, capped by "
+      "MLX_MOE_CPU_KERNELS).");
 
   m.def(
       "_advise_huge_pages",

@@ -167,3 +167,21 @@ def test_load_model_sharded_missing_file(tmp_path, shard):
     files[-1].unlink()
     results = launch(2, str(folder), shard, "expect-error", script=SCRIPT.parent / "load_check.py")
     assert all(r["error"] and files[-1].name in r["error"] for r in results), results
+
+
+def test_distributed_bench_reports_every_mode():
+    """``mlx-moe bench --distributed``'s measurement on 2 ranks: every rank
+    gets the same report, with a decode time per rank and mode, each
+    sharded rank holding fewer weight bytes than the whole model, and the
+    all_sum sizes. (Speeds are not asserted: shared, noisy machines.)"""
+    results = launch(2, "q4", script=SCRIPT.parent / "bench_check.py")
+    for result in results:
+        assert [s["mode"] for s in result["shards"]] == ["tensor", "expert", "pipeline"], result
+        assert result["single_step_ms"] > 0 and result["ranks"] == 2
+        for shard in result["shards"]:
+            assert len(shard["step_ms"]) == 2 and min(shard["step_ms"]) > 0, shard
+            assert max(shard["weight_bytes"]) < result["single_weight_bytes"], shard
+        assert [int(row["bytes"]) for row in result["all_sum"]] == [4 << 10, 64 << 10, 1 << 20, 16 << 20]
+        assert all(row["ms"] > 0 for row in result["all_sum"])
+        assert result["backend_note"], result  # both ranks on this host
+    assert results[0]["shards"] == results[1]["shards"]

@@ -12,60 +12,24 @@ side with the stock (unfused) path.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import textwrap
-from typing import List, Optional, Sequence
-
-import mlx.core as mx
+from typing import Optional, Sequence
 
 import mlx_moe_kernels
 from mlx_moe_kernels import bench
-
-EXIT_OK = 0
-EXIT_DISAGREEMENT = 1
-EXIT_USAGE = 2
-
-_HELP_WIDTH = 79
-
-
-def _split_list(values: Optional[Sequence[str]]) -> Optional[List[str]]:
-    """Flatten repeated and comma-separated option values; ``None`` if unset."""
-    if not values:
-        return None
-    items = [item.strip() for value in values for item in value.split(",")]
-    return [item for item in items if item]
-
-
-def _model_names(values: Optional[Sequence[str]]) -> Optional[List[str]]:
-    names = _split_list(values)
-    if names is None:
-        return None
-    expanded: List[str] = []
-    for name in names:
-        for item in (bench.MODEL_SHAPES if name.lower() == "all" else [name]):
-            if item not in expanded:
-                expanded.append(item)
-    return expanded
-
-
-def _token_counts(values: Optional[Sequence[str]]) -> Optional[List[int]]:
-    items = _split_list(values)
-    if items is None:
-        return None
-    try:
-        return [int(item) for item in items]
-    except ValueError:
-        raise ValueError(
-            f"--tokens takes positive integers, e.g. 1,8,64 (got {','.join(items)})"
-        ) from None
-
-
-def _positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+from mlx_moe_kernels.cli_bench import run_bench
+from mlx_moe_kernels.cli_common import (  # noqa: F401  (EXIT_* are part of the module's API)
+    EXIT_DISAGREEMENT,
+    EXIT_OK,
+    EXIT_USAGE,
+    MODEL_MODE,
+    _HELP_WIDTH,
+    _positive_int,
+    _wrap,
+)
+from mlx_moe_kernels.cli_generate import _stock_model, run_generate  # noqa: F401
 
 
 def _models_help() -> str:
@@ -90,13 +54,6 @@ def _defaults_help() -> str:
         lines.append(f"       --tokens {tokens} --dtype {dtypes}")
     return "\n".join(lines)
 
-
-def _wrap(text: str) -> str:
-    return textwrap.fill(text, width=_HELP_WIDTH)
-
-
-MODEL_MODE = "model"
-"""``--mode model``: the whole-model benchmark (:mod:`mlx_moe_kernels.bench.model`)."""
 
 _MODEL_MODE_SUMMARY = (
     "A whole model (random weights from a built-in config, or --checkpoint) in each "
@@ -303,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"steps of the decode test (default: {bench.model.DEFAULT_DECODE_TOKENS})",
     )
     whole.add_argument(
+        "--distributed", action="store_true", default=None,
+        help="run under mlx.launch on every rank: decode tokens/s of the model on rank 0 alone "
+        "and sharded over all ranks (experts 'tensor', 'expert', and pipeline stages), each "
+        "rank's weight bytes, and the backend's all_sum latency and bandwidth; one --format "
+        "(default q4), rank 0 prints",
+    )
+    whole.add_argument(
         "--checkpoint", metavar="DIR",
         help="load this checkpoint folder instead of building random weights "
         "(a quantized one runs as stored)",
@@ -313,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not show the progress bar",
     )
-    bench_parser.set_defaults(handler=_run_bench, command_parser=bench_parser)
+    bench_parser.set_defaults(handler=run_bench, command_parser=bench_parser)
 
     generate_parser = commands.add_parser(
         "generate",
@@ -382,279 +346,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-attention", choices=["replicate", "tensor"], default="replicate",
         help="with --shard: every rank runs the whole attention (default), or heads split across ranks",
     )
-    generate_parser.set_defaults(handler=_run_generate, command_parser=generate_parser)
+    generate_parser.set_defaults(handler=run_generate, command_parser=generate_parser)
+
+    selftest_parser = commands.add_parser(
+        "selftest",
+        help="check every kernel on this machine and time ours against MLX's; a report to send us",
+        description=_wrap(
+            "Check every kernel family on every device MLX has here (the CPU, and the GPU when "
+            "there is one) and dtype against a float64 oracle, beside MLX's own op; time the MoE "
+            "layer, ours against the stock composition, for decode and prompt sizes; print the "
+            "machine facts and the results as Markdown to paste into an issue. Exit status 1 if "
+            "a check fails."
+        ),
+    )
+    selftest_parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    selftest_parser.add_argument("--quick", action="store_true", help="time the decode size only, once")
+    selftest_parser.set_defaults(handler=_run_selftest, command_parser=selftest_parser)
     return parser
 
 
-def _stock_model(model, config):
-    """The stock path for ``--compare``: (model, description). mlx-lm's
-    class of the same architecture holding our model's weight arrays (the
-    parameter names are the same), or, if mlx-lm is missing or cannot
-    represent the config, our own model with the reference experts (the
-    caller switches it with ``set_fused``)."""
-    from mlx.utils import tree_flatten
+def _run_selftest(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from mlx_moe_kernels.selftest import run_selftest, write_json
 
-    from mlx_moe_kernels.loading import hub_style_config
-
-    import mlx.nn as nn
-
-    model_type = config["model_type"]
-    hub = hub_style_config(config)
-    # Quantized layers of ours, by path: the stock model is quantized alike.
-    quantized = {
-        path: {"group_size": m.group_size, "bits": m.bits, "mode": getattr(m, "mode", "affine")}
-        for path, m in model.named_modules() if "scales" in m
-    }
-    # mlx-lm's Qwen2-MoE ignores these fields; it would compute another model.
-    if model_type == "qwen2_moe" and (
-        hub.get("norm_topk_prob") or hub.get("decoder_sparse_step", 1) != 1
-        or hub.get("mlp_only_layers") or hub.get("tie_word_embeddings")
-    ):
-        return None, "our model with the plain-MLX reference experts (mlx-lm's qwen2_moe cannot represent this config)"
-    try:
-        import importlib
-
-        arch = importlib.import_module(f"mlx_lm.models.{model_type}")
-        stock = arch.Model(arch.ModelArgs.from_dict(hub))
-        if quantized:
-            nn.quantize(stock, class_predicate=lambda path, _: dict(quantized[path]) if path in quantized else False)
-        stock.load_weights(tree_flatten(model.parameters()), strict=True)
-        stock.eval()
-        matmul = "mx.gather_qmm" if quantized else "mx.gather_mm"
-        return stock, f"mlx-lm's mlx_lm.models.{model_type} (stock SwitchGLU on {matmul})"
-    except Exception as error:  # ImportError, or a config/weights mlx-lm does not take
-        return None, f"our model with the plain-MLX reference experts (mlx-lm unavailable: {error})"
-
-
-def _quant_summary(section) -> str:
-    """``group_size 64, bits 4, mode affine (+2 layers with their own settings)``."""
-    overrides = len(section) - 3
-    extra = f" (+{overrides} layers with their own settings)" if overrides else ""
-    return f"group_size {section['group_size']}, bits {section['bits']}, mode {section['mode']}{extra}"
-
-
-def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from mlx_moe_kernels.generate import eos_token_ids, load_tokenizer, stream_generate
-    from mlx_moe_kernels.loading import load_model, quantization_config, quantize_model
-
-    if args.temp < 0 or not 0.0 < args.top_p <= 1.0:
-        parser.error("--temp must be >= 0 and --top-p in (0, 1]")
-    try:
-        rank = 0
-        group = None
-        if args.shard:
-            if args.compare:
-                raise ValueError("--compare is not supported with --shard")
-            group = mx.distributed.init()
-            rank = group.rank()
-        quantize_after_loading = (args.bits, args.group_size, args.quant_mode) != (None, None, None)
-        # Sharded while loading (only the rank's part is read), unless the
-        # model is quantized on the fly first.
-        shard_at_load = args.shard if not quantize_after_loading else None
-        model, config = load_model(
-            args.model, dtype=args.dtype, group=group, shard=shard_at_load, attention=args.shard_attention
-        )
-        if quantize_after_loading:
-            if quantization_config(config) is not None:
-                raise ValueError(f"{args.model} is already quantized: drop --bits/--group-size/--quant-mode")
-            config = quantize_model(
-                model, config, group_size=args.group_size, bits=args.bits, mode=args.quant_mode or "affine"
-            )
-            # Quantize now, not inside the first prompt (its speed would
-            # include the quantization).
-            mx.eval(model.parameters())
-            if rank == 0:
-                print(f"[quantized on the fly: {_quant_summary(config['quantization'])}]")
-            if args.shard == "pipeline":
-                model.pipeline(group)
-            elif args.shard:
-                model.shard(group, experts=args.shard, attention=args.shard_attention)
-        if args.shard and rank == 0:
-            from mlx.utils import tree_flatten
-
-            layout = "pipeline stages" if args.shard == "pipeline" else (
-                f"experts {args.shard}, attention {args.shard_attention}")
-            held = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-            print(f"[sharded: {layout}, {group.size()} ranks; rank 0 holds {held / 1e6:.1f} MB of weights]")
-        if args.huge_pages:
-            from mlx_moe_kernels.memory import use_huge_pages
-
-            print(f"[huge pages: {use_huge_pages(model) / 1e6:.0f} MB of weights]")
-        tokenizer = load_tokenizer(args.model)
-        eos_ids = eos_token_ids(config, args.model)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        parser.error(str(error))
-    prompt = tokenizer.encode(args.prompt).ids
-    if not prompt:
-        parser.error("the prompt encodes to no tokens")
-    options = dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, eos_ids=eos_ids)
-
-    def run(which, label, echo):
-        # Sharded: every rank computes (and samples with the same seed from
-        # the same all-summed logits); rank 0 prints.
-        echo = echo and rank == 0
-        mx.random.seed(args.seed)
-        last = None
-        for chunk in stream_generate(which, tokenizer, prompt, **options):
-            if echo:
-                print(chunk.text, end="", flush=True)
-            last = chunk
-        if echo:
-            print()
-        if rank != 0:
-            return
-        print(
-            f"{label}: prompt {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s; "
-            f"generation {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s"
-            f" ({last.finish_reason})"
-        )
-
-    if rank == 0:
-        print(args.prompt, end="", flush=True)
-    run(model, "ours", echo=True)
-    if args.compare:
-        stock, description = _stock_model(model, config)
-        tokens = mx.array([prompt], dtype=mx.uint32)
-
-        def compare(stock_model):
-            run(stock_model, "stock", echo=False)
-            stock_logits = stock_model(tokens).astype(mx.float32)
-            model.set_fused(True)
-            ours_logits = model(tokens).astype(mx.float32)
-            return mx.abs(ours_logits - stock_logits).max().item()
-
-        print(f"stock: {description}")
-        difference = None
-        try:
-            if stock is not None:
-                try:
-                    difference = compare(stock)
-                except RuntimeError as error:
-                    # e.g. MLX's CPU gather_mm supports float32 only.
-                    print(f"stock: mlx-lm's model failed ({error}); "
-                          "using our model with the plain-MLX reference experts instead")
-            if difference is None:
-                model.set_fused(False)
-                difference = compare(model)
-        finally:
-            model.set_fused(True)
-        print(f"max |logit difference| over the prompt ({len(prompt)} tokens): {difference:.3g}")
-    return EXIT_OK
-
-
-# Options of the cell modes and of the model mode, by argparse dest: each
-# mode rejects the other's (a silently ignored option misleads).
-_CELL_ONLY_OPTIONS = {
-    "tokens": "--tokens", "dtype": "--dtype", "bits": "--bits", "group_size": "--group-size",
-    "quant_mode": "--quant-mode", "plot": "--plot",
-}
-_MODEL_ONLY_OPTIONS = {
-    "layers": "--layers", "format": "--format", "prompt_tokens": "--prompt-tokens",
-    "decode_tokens": "--decode-tokens", "checkpoint": "--checkpoint",
-}
-
-
-def _run_model_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    given = [flag for dest, flag in _CELL_ONLY_OPTIONS.items() if getattr(args, dest) is not None]
-    if not args.include_reference:
-        given.append("--no-reference")
-    if given:
-        parser.error(f"{', '.join(given)}: not used by --mode model")
-    models = _split_list(args.model)
-    if models is not None and (len(models) != 1 or args.checkpoint):
-        parser.error("--mode model takes one --model, or --checkpoint instead")
-    layers = args.layers
-    if layers is None and args.checkpoint is None:
-        layers = bench.model.DEFAULT_LAYERS  # a checkpoint loads all of its layers
-    options = dict(
-        checkpoint=args.checkpoint,
-        layers=layers,
-        formats=_split_list(args.format),
-        prompt_tokens=args.prompt_tokens or bench.model.DEFAULT_PROMPT_TOKENS,
-        decode_tokens=args.decode_tokens or bench.model.DEFAULT_DECODE_TOKENS,
-        repeats=args.repeats or bench.model.DEFAULT_REPEATS,
-        seed=args.seed,
-        device=None if args.device is None else mx.Device(getattr(mx, args.device)),
-    )
-    name = models[0] if models else bench.model.DEFAULT_MODEL
-    try:
-        plan = bench.plan_model_bench(name, **options)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    report = bench.run_model_bench(name, progress=args.progress, **options)
-    layers = plan.config.get("num_hidden_layers", plan.config.get("text_config", {}).get("num_hidden_layers"))
-    source = "checkpoint" if plan.checkpoint else "random weights"
-    layers_text = f"{layers} layer{'' if layers == 1 else 's'}"
-    print(f"mlx-moe bench --mode model: {report.model} ({layers_text}, {source}), prompt "
-          f"{report.prompt_tokens} tokens, decode {report.decode_tokens} tokens, on "
-          f"{report.machine['device']} ({report.machine['platform']}, mlx "
-          f"{report.machine['mlx_version']}), {report.wall_time_s:.0f} s")
-    print(report.format_table())
+    report = run_selftest(quick=args.quick)
+    print(report.markdown())
     if args.json:
-        report.write_json(args.json)
-        print(f"wrote {args.json}")
-    return EXIT_OK
-
-
-def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.mode == MODEL_MODE:
-        return _run_model_bench(args, parser)
-    given = [flag for dest, flag in _MODEL_ONLY_OPTIONS.items() if getattr(args, dest) is not None]
-    if given:
-        parser.error(f"{', '.join(given)}: only used by --mode model")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        parser.error(
-            "--plot needs matplotlib, which is not installed: "
-            "pip install matplotlib (or mlx-moe-kernels[plot])"
-        )
-    device = None if args.device is None else mx.Device(getattr(mx, args.device))
-    try:
-        models = _model_names(args.model)
-        tokens = _token_counts(args.tokens)
-        dtypes = _split_list(args.dtype)
-        quantization = bench.make_quantization(args.bits, args.group_size, args.quant_mode)
-        bench.plan_grid(
-            args.mode, models=models, tokens=tokens, dtypes=dtypes, device=device,
-            quantization=quantization,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-    report = bench.run(
-        args.mode,
-        models=models,
-        tokens=tokens,
-        dtypes=dtypes,
-        device=device,
-        include_reference=args.include_reference,
-        repeats=args.repeats,
-        seed=args.seed,
-        progress=args.progress,
-        quantization=quantization,
-    )
-
-    quantized = ""
-    if quantization is not None:
-        quantized = (
-            f" --bits {quantization.bits} --group-size {quantization.group_size} "
-            f"--quant-mode {quantization.mode}"
-        )
-    print(f"mlx-moe bench --mode {report.mode}{quantized} on {report.machine['device']} "
-          f"({report.machine['platform']}, mlx {report.machine['mlx_version']}), "
-          f"{report.wall_time_s:.0f} s")
-    print(report.format_table())
-    if args.json:
-        report.write_json(args.json)
-        print(f"wrote {args.json}")
-    if args.plot:
-        bench.plot_speedups(report, args.plot)
-        print(f"wrote {args.plot}")
-    failures = report.failures
-    if failures:
-        print("\nFAILED: implementations disagree with the reference:", file=sys.stderr)
-        for failure in failures:
-            print(f"  {failure}", file=sys.stderr)
-        return EXIT_DISAGREEMENT
-    return EXIT_OK
+        write_json(report, args.json)
+        print(f"\nwrote {args.json}")
+    return EXIT_OK if not report.failures else EXIT_DISAGREEMENT
 
 
 def _restart_with_huge_page_malloc() -> None:

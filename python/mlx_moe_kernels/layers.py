@@ -28,7 +28,7 @@ from typing import Callable, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_moe_kernels import ops
+from mlx_moe_kernels import dispatch, ops, reference
 from mlx_moe_kernels.ops import gather_mm, switch_glu
 
 __all__ = ["SwiGLU", "SwitchLinear", "QuantizedSwitchLinear", "SwitchGLU", "SwitchMLP"]
@@ -367,7 +367,29 @@ class SwitchGLU(nn.Module):
         """
         indices = mx.stop_gradient(indices)
         quantization = self._fused_quantization()
-        if quantization is None and indices.shape[:-1] == x.shape[:-1]:
+        if quantization is not False and indices.shape[:-1] == x.shape[:-1]:
+            # Ours, unless the dispatch table says the composition is faster
+            # for this shape class on this machine (see dispatch.py).
+            choice = dispatch.table().choose(
+                "switch_glu", self._dispatch_kind(x, quantization), x.size // max(x.shape[-1], 1),
+                mx.default_device(), lambda: self._fused(x, indices, scores, quantization),
+                lambda: self._stock(x, indices, scores, quantization),
+            )
+            if choice == "ours":
+                return self._fused(x, indices, scores, quantization)
+            return self._stock(x, indices, scores, quantization)
+        return self._composed(x, indices, scores)
+
+    @staticmethod
+    def _dispatch_kind(x: mx.array, quantization) -> str:
+        if quantization is None:
+            return str(x.dtype).split(".")[-1]
+        group_size, bits, mode = quantization
+        return f"{str(x.dtype).split('.')[-1]} {mode} {bits}-bit g{group_size}"
+
+    def _fused(self, x: mx.array, indices: mx.array, scores: Optional[mx.array], quantization) -> mx.array:
+        """The fused op (float weights, or quantized with ``quantization``)."""
+        if quantization is None:
             return switch_glu(
                 x,
                 self.gate_proj["weight"],
@@ -377,27 +399,51 @@ class SwitchGLU(nn.Module):
                 scores,
                 first_expert=self.first_expert,
             )
-        if quantization and indices.shape[:-1] == x.shape[:-1]:
+        group_size, bits, mode = quantization
+        return ops.switch_glu(
+            x,
+            self.gate_proj.quantized_weights(),
+            self.up_proj.quantized_weights(),
+            self.down_proj.quantized_weights(),
+            indices,
+            scores,
+            group_size=group_size,
+            bits=bits,
+            mode=mode,
+            first_expert=self.first_expert,
+        )
+
+    def _local_indices(self, indices: mx.array):
+        """With an expert range (``first_expert``): the indices into this
+        rank's experts (other ranks' slots read local expert 0) and the mask
+        of slots that are this rank's; else ``(indices, None)``."""
+        if self.first_expert is None:
+            return indices, None
+        local = indices.astype(mx.int64) - self.first_expert
+        here = (local >= 0) & (local < self.down_proj["weight"].shape[0])
+        return mx.where(here, local, 0).astype(mx.uint32), here
+
+    def _stock(self, x: mx.array, indices: mx.array, scores: Optional[mx.array], quantization) -> mx.array:
+        """MLX's own ops, as mlx-lm computes the layer
+        (:func:`mlx_moe_kernels.reference.switch_glu`: ``mx.gather_mm`` /
+        ``mx.gather_qmm``): what the dispatch table calls stock."""
+        indices, here = self._local_indices(indices)
+        weighted = scores if here is None or scores is None else scores * here.astype(scores.dtype)
+        if quantization is None:
+            weights = [p["weight"] for p in (self.gate_proj, self.up_proj, self.down_proj)]
+            out = reference.switch_glu(x, *weights, indices, weighted)
+        else:
             group_size, bits, mode = quantization
-            return ops.switch_glu(
-                x,
-                self.gate_proj.quantized_weights(),
-                self.up_proj.quantized_weights(),
-                self.down_proj.quantized_weights(),
-                indices,
-                scores,
-                group_size=group_size,
-                bits=bits,
-                mode=mode,
-                first_expert=self.first_expert,
-            )
-        here = None
-        if self.first_expert is not None:
-            # The composition on this rank's experts: other ranks' slots
-            # read local expert 0 and are zeroed.
-            local = indices.astype(mx.int64) - self.first_expert
-            here = (local >= 0) & (local < self.down_proj["weight"].shape[0])
-            indices = mx.where(here, local, 0).astype(mx.uint32)
+            weights = [p.quantized_weights() for p in (self.gate_proj, self.up_proj, self.down_proj)]
+            out = reference.switch_glu(x, *weights, indices, weighted, group_size=group_size, bits=bits, mode=mode)
+        if here is not None and scores is None:
+            out = mx.where(here[..., None], out, 0)
+        return out
+
+    def _composed(self, x: mx.array, indices: mx.array, scores: Optional[mx.array]) -> mx.array:
+        """mlx-lm's composition on the projections (any activation, biases,
+        mixed quantization)."""
+        indices, here = self._local_indices(indices)
         rows = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, D]
         up = self.up_proj(rows, indices)  # [..., k, 1, H]
         gate = self.gate_proj(rows, indices)

@@ -27,7 +27,10 @@ The package, by concern:
 * :mod:`~mlx_moe_kernels.bench.model`: the whole-model benchmark of
   ``mlx-moe bench --mode model`` (prefill and decode tokens/s of a model
   with random weights, the parts of a decode step, the share of the read
-  bandwidth it reaches).
+  bandwidth it reaches);
+* :mod:`~mlx_moe_kernels.bench.distributed`: ``--mode model
+  --distributed`` under ``mlx.launch`` (decode on one rank vs sharded over
+  all, weight bytes per rank, the backend's all_sum latency).
 
 This module re-exports what the command line, the tests and
 ``benchmarks/`` use; everything else is in the submodules.

@@ -12,8 +12,9 @@ tests do:
   computing the logits of the last position only (one untimed warm-up run,
   then ``repeats`` timed runs, median);
 * decode: tokens/s of ``decode_tokens`` single-token greedy steps from a
-  fresh cache, each step evaluated (a few untimed warm-up steps, then
-  ``repeats`` runs, median run);
+  fresh cache, pipelined as generation runs them (the next step's graph is
+  built and started before a token is read back; a few untimed warm-up
+  steps, then ``repeats`` runs, median run);
 * the parts of a decode step (:mod:`mlx_moe_kernels.bench.model_parts`):
   experts, router, attention projections, attention, output head, and the
   rest (the median step minus the parts), in ms and GB/s of the bytes each
