@@ -64,9 +64,63 @@ struct Int16Activations {
   size_t itemsize = 0;
 };
 
-inline Int16Activations& int16_activations() {
-  thread_local Int16Activations s;
-  return s;
+// A thread's few most recent activation roundings. The combined down
+// projection walks all experts of a call in every task, each expert with
+// its own hidden row: with one remembered rounding, every task re-rounded
+// every expert's row (32 tasks x 8 experts per layer at decode).
+template <typename Rounding, int N = 16>
+struct RecentRoundings {
+  Rounding entries[N];
+  int next = 0;
+
+  // The first entry `matches` accepts, else null.
+  template <typename Match>
+  const Rounding* find(Match matches) const {
+    for (const Rounding& entry : entries) {
+      if (matches(entry)) {
+        return &entry;
+      }
+    }
+    return nullptr;
+  }
+
+  // The entry to overwrite next (the oldest).
+  Rounding& take() {
+    Rounding& entry = entries[next];
+    next = (next + 1) % N;
+    return entry;
+  }
+};
+
+// Whether `source` holds these rows' bytes.
+template <typename T>
+inline bool same_rows(const std::vector<char>& source, const T* const* x_rows, int64_t rows, int64_t K) {
+  const size_t row_bytes = static_cast<size_t>(K) * sizeof(T);
+  if (source.size() < rows * row_bytes) {
+    return false;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (std::memcmp(source.data() + r * row_bytes, x_rows[r], row_bytes) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Roundings of at most kRecentRoundingRows rows (the direct kernels' calls)
+// are kept in a RecentRoundings; larger ones (prompt blocks, megabytes
+// each) in one entry of their own, so the memory kept per thread stays
+// small.
+constexpr int64_t kRecentRoundingRows = 16;
+
+inline RecentRoundings<Int16Activations>& int16_roundings() {
+  thread_local RecentRoundings<Int16Activations> recent;
+  return recent;
+}
+
+inline RecentRoundings<Int16Activations, 1>& int16_large_rounding() {
+  thread_local RecentRoundings<Int16Activations, 1> recent;
+  return recent;
 }
 
 inline float horizontal_sum8(__m256 v) {
@@ -221,16 +275,19 @@ void round_activations(
 template <typename T>
 const Int16Activations& prepared_int16_activations(
     const T* const* x_rows, int64_t x_col_stride, int64_t rows, int64_t K, int group_size, bool interleaved) {
-  Int16Activations& x = int16_activations();
   const size_t row_bytes = static_cast<size_t>(K) * sizeof(T);
-  bool cached = x_col_stride == 1 && x.rows == rows && x.K == K && x.group_size == group_size &&
-      x.interleaved == interleaved && x.itemsize == sizeof(T);
-  for (int64_t r = 0; cached && r < rows; ++r) {
-    cached = std::memcmp(x.source.data() + r * row_bytes, x_rows[r], row_bytes) == 0;
+  auto matches = [&](const Int16Activations& x) {
+    return x.rows == rows && x.K == K && x.group_size == group_size && x.interleaved == interleaved &&
+        x.itemsize == sizeof(T) && same_rows(x.source, x_rows, rows, K);
+  };
+  const bool small = rows <= kRecentRoundingRows;
+  if (x_col_stride == 1) {
+    const Int16Activations* found = small ? int16_roundings().find(matches) : int16_large_rounding().find(matches);
+    if (found) {
+      return *found;
+    }
   }
-  if (cached) {
-    return x;
-  }
+  Int16Activations& x = small ? int16_roundings().take() : int16_large_rounding().take();
   round_activations<T>(x_rows, x_col_stride, rows, K, group_size, interleaved, x);
   if (x_col_stride == 1) {
     x.source.resize(rows * row_bytes);

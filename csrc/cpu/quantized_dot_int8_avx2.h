@@ -65,9 +65,9 @@ struct Int8Activations {
   int group_size = -1;
 };
 
-inline Int8Activations& int8_activations() {
-  thread_local Int8Activations s;
-  return s;
+inline RecentRoundings<Int8Activations>& int8_roundings() {
+  thread_local RecentRoundings<Int8Activations> recent;
+  return recent;
 }
 
 // 32 int32 lanes (four registers, elements in order) -> 32 int8 in order.
@@ -115,19 +115,19 @@ inline void round_row_int8(const BFloat16Bits* x, int64_t K, int group_size, int
   }
 }
 
-// The rows rounded, reusing this thread's previous rounding when the rows
-// are byte-for-byte the same (x_col_stride must be 1).
+// The rows rounded, reusing one of this thread's recent roundings when the
+// rows are byte-for-byte the same (x_col_stride must be 1).
 inline const Int8Activations& prepared_int8_activations(
     const BFloat16Bits* const* x_rows, int64_t rows, int64_t K, int group_size) {
-  Int8Activations& x = int8_activations();
+  RecentRoundings<Int8Activations>& recent = int8_roundings();
+  const Int8Activations* found = recent.find([&](const Int8Activations& x) {
+    return x.rows == rows && x.K == K && x.group_size == group_size && same_rows(x.source, x_rows, rows, K);
+  });
+  if (found) {
+    return *found;
+  }
+  Int8Activations& x = recent.take();
   const size_t row_bytes = static_cast<size_t>(K) * sizeof(BFloat16Bits);
-  bool cached = x.rows == rows && x.K == K && x.group_size == group_size;
-  for (int64_t r = 0; cached && r < rows; ++r) {
-    cached = std::memcmp(x.source.data() + r * row_bytes, x_rows[r], row_bytes) == 0;
-  }
-  if (cached) {
-    return x;
-  }
   const int64_t groups = K / group_size;
   x.values.resize(rows * K);
   x.scales.resize(rows * groups);
