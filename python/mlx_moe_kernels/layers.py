@@ -28,7 +28,7 @@ from typing import Callable, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_moe_kernels import dispatch, ops, reference
+from mlx_moe_kernels import dispatch, ops, reference, verify
 from mlx_moe_kernels.ops import gather_mm, switch_glu
 
 __all__ = ["SwiGLU", "SwitchLinear", "QuantizedSwitchLinear", "SwitchGLU", "SwitchMLP"]
@@ -368,11 +368,15 @@ class SwitchGLU(nn.Module):
         indices = mx.stop_gradient(indices)
         quantization = self._fused_quantization()
         if quantization is not False and indices.shape[:-1] == x.shape[:-1]:
+            device = mx.default_device()
+            if not verify.kernel_family_ok("switch_glu", device):
+                # Our GPU kernels failed their first-use check (warned once).
+                return self._stock(x, indices, scores, quantization)
             # Ours, unless the dispatch table says the composition is faster
             # for this shape class on this machine (see dispatch.py).
             choice = dispatch.table().choose(
                 "switch_glu", self._dispatch_kind(x, quantization), x.size // max(x.shape[-1], 1),
-                mx.default_device(), lambda: self._fused(x, indices, scores, quantization),
+                device, lambda: self._fused(x, indices, scores, quantization),
                 lambda: self._stock(x, indices, scores, quantization),
             )
             if choice == "ours":
