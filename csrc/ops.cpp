@@ -636,6 +636,14 @@ mx::array zero_other_ranks_rows(const mx::array& out, const mx::array& here, con
   return mx::where(mask, out, mx::zeros({1}, out.dtype(), stream), stream);
 }
 
+// The score-weighted sum of per-slot rows [tokens * k, D] -> [tokens, D].
+mx::array weighted_slot_sum(const mx::array& rows, const mx::array& scores, int tokens, int top_k,
+                            const mx::Stream& stream) {
+  auto per_token = mx::reshape(rows, {tokens, top_k, rows.shape(1)}, stream);
+  auto weights = mx::expand_dims(mx::astype(scores, rows.dtype(), stream), -1, stream);
+  return mx::sum(mx::multiply(per_token, weights, stream), 1, false, stream);
+}
+
 } // namespace
 
 std::pair<mx::array, mx::array> route(mx::array indices, int num_experts, mx::StreamOrDevice s) {
@@ -836,16 +844,24 @@ mx::array switch_glu(
       std::make_shared<MoeGateUpSwiGLU>(stream, top_k),
       {xs, gate, up, routed[0], routed[1], routed[2]});
   std::vector<mx::array> down_inputs{hidden, down, routed[0], routed[1], routed[2]};
-  if (sc) {
+  // Expert parallelism on a GPU: Metal's prompt-size combine sums a scratch
+  // row per slot, and another rank's slot has none (the simulator showed
+  // NaN), so there the kernels write per-slot rows and MLX's ops combine.
+  const bool combine_in_kernel = has_scores && !(local && !has_kernels_for(stream));
+  if (combine_in_kernel) {
     down_inputs.push_back(*sc);
   }
   mx::Shape out_shape =
-      has_scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
+      combine_in_kernel ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
   auto out = mx::array(
       std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k), std::move(down_inputs));
   if (local) {
     // Every id is in [0, E]: the routing cannot fail.
-    return finish(has_scores ? out : zero_other_ranks_rows(out, local->here, stream));
+    if (combine_in_kernel) {
+      return finish(out);
+    }
+    out = zero_other_ranks_rows(out, local->here, stream);
+    return finish(has_scores ? weighted_slot_sum(out, *sc, tokens, top_k, stream) : out);
   }
   return finish(poison_on_bad_routing(out, routed[3], stream));
 }
@@ -1023,16 +1039,23 @@ mx::array switch_glu_quantized(
   auto down_in = weight_inputs(down);
   down_inputs.insert(down_inputs.end(), down_in.begin(), down_in.end());
   down_inputs.insert(down_inputs.end(), routed.begin(), routed.end());
-  if (scores2) {
+  // As the float op: on a GPU, expert parallelism combines with MLX's ops.
+  const bool combine_in_kernel = scores2.has_value() && !(local && !has_kernels_for(stream));
+  if (combine_in_kernel) {
     down_inputs.push_back(*scores2);
   }
-  mx::Shape out_shape = scores ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
+  mx::Shape out_shape =
+      combine_in_kernel ? mx::Shape{tokens, model_dims} : mx::Shape{tokens * top_k, model_dims};
   auto out = mx::array(
       std::move(out_shape), dtype, std::make_shared<MoeDownCombine>(stream, top_k, quantization),
       std::move(down_inputs));
   if (local) {
     // Every id is in [0, E]: the routing cannot fail.
-    return finish(scores ? out : zero_other_ranks_rows(out, local->here, stream));
+    if (combine_in_kernel) {
+      return finish(out);
+    }
+    out = zero_other_ranks_rows(out, local->here, stream);
+    return finish(scores2 ? weighted_slot_sum(out, *scores2, tokens, top_k, stream) : out);
   }
   return finish(poison_on_bad_routing(out, status, stream));
 }

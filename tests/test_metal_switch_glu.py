@@ -361,3 +361,79 @@ def test_missing_hidden_stage_barrier_is_caught(sim):
     hidden, _ = case.run_gate_up(sim(race_check=False))
     with pytest.raises(MetalSimError, match="data race"):
         case.run_down(sim(race_check=True, SWITCH_GLU_FAULT_NO_H_BARRIER=1), hidden, True)
+
+
+# ------------------------------------------------------ expert parallelism
+class LocalExpertsCase(Case):
+    """Expert parallelism (``switch_glu(first_expert=)``): the weights hold
+    this rank's E experts only, and the routing sends other ranks' slots to
+    an extra bucket E (offsets [E + 2]) that no kernel may visit: the
+    simulator's bounds checker catches a read of a weight past the E
+    experts, and a hidden row written for such a slot stays NaN."""
+
+    def __init__(self, global_indices, first, D, H, E, dtype, seed):
+        local = np.asarray(global_indices, np.int64) - first
+        local = np.where((local >= 0) & (local < E), local, E)
+        super().__init__(local, D, H, E + 1, dtype, seed, dispatch_bound=True)
+        self.E = E
+        self.gate, self.up, self.down = (np.ascontiguousarray(w[:E]) for w in (self.gate, self.up, self.down))
+        self.kept = int(self.offsets[E])
+        rows = _ext._switch_glu_row_bound(self.T, self.k)
+        self.plans = {s: _ext._plan_switch_glu(self.T, self.k, rows, D, H, E, MX_DTYPE[dtype], s) for s in (True, False)}
+
+    def check_all(self, lib, **launch):
+        hidden, res = self.run_gate_up(lib, **launch)
+        assert res.diagnostics == [], res.diagnostics
+        kept = self.kept
+        view = Case.__new__(Case)
+        view.__dict__.update(self.__dict__)
+        view.order, view.expert_of_row = self.order[:kept], self.expert_of_row[:kept]
+        h_exact, h_bound = Case.hidden_oracle(view)
+        h_got = from_device(hidden, self.dtype)
+        check(h_got[:kept], h_exact, h_bound, "hidden (this rank's slots)")
+        assert np.all(np.isnan(h_got[kept:])), "a hidden row was computed for another rank's slot"
+        dw = from_device(self.down, self.dtype)
+        per_slot = np.zeros((self.T * self.k, self.D))
+        scale = np.zeros_like(per_slot)
+        for r in range(kept):
+            e, slot = self.expert_of_row[r], self.order[r]
+            per_slot[slot] = dw[e] @ h_got[r]
+            scale[slot] = np.abs(dw[e]) @ np.abs(h_got[r])
+        ulp = 2.0 ** -MANTISSA_BITS[self.dtype]
+        here = np.zeros(self.T * self.k, bool)
+        here[self.order[:kept]] = True
+        # Prompt sizes combine outside the kernels in this mode (ops.cpp):
+        # their two-step combine would sum scratch rows other ranks' slots
+        # never get.
+        for scores in (True, False) if not self.plans[True]["prefill"] else (False,):
+            got, res = self.run_down(lib, hidden, scores, **launch)
+            assert res.diagnostics == [], res.diagnostics
+            if scores:
+                s = self.scores.astype(np.float64)[:, None]
+                exact = (s * per_slot).reshape(self.T, self.k, self.D).sum(1)
+                g = ((2 * self.H + 2 * self.k + 4) * EPS32 * s * scale).reshape(self.T, self.k, self.D).sum(1)
+                # Every token's row is written: zero where none of its slots is here.
+                check(got, exact, ulp * (np.abs(exact) + g) + g + 2.0**-24, "out (scores=True)")
+            else:
+                g = (2 * self.H + 2) * EPS32 * scale
+                check(got[here], per_slot[here], (ulp * (np.abs(per_slot) + g) + g + 2.0**-24)[here],
+                      "out (scores=False, this rank's slots)")
+
+
+# (global indices [T, k], first expert, D, H, local E)
+LOCAL_SHAPES = {
+    # 3 tokens over 8 experts, this rank holds 4..7; token 2 has none of them
+    "t3_k2_half": ([[1, 5], [6, 4], [0, 3]], 4, 64, 40, 4),
+    # one token, top-8 of 16, this rank holds 8..15 (decode, 8-row tile)
+    "t1_k8_half": ([[9, 2, 14, 0, 5, 11, 7, 3]], 8, 64, 40, 8),
+    # 2 tokens top-8 of 16 (prefill kernels), this rank holds 0..3
+    "t2_k8_quarter": ([[0, 1, 2, 3, 4, 5, 6, 7], [7, 9, 1, 11, 12, 13, 14, 15]], 0, 40, 72, 4),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", list(LOCAL_SHAPES))
+def test_expert_parallel_routing_skips_other_ranks(sim, shape, dtype):
+    indices, first, D, H, E = LOCAL_SHAPES[shape]
+    case = LocalExpertsCase(indices, first, D, H, E, dtype, seed=zlib.crc32(f"local-{shape}-{dtype}".encode()))
+    case.check_all(sim(race_check=True), schedule="random", seed=3, preempt=0.2)
