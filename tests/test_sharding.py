@@ -120,9 +120,11 @@ def test_two_ranks_pipeline(arch, fmt):
 
 
 def test_bad_setup_fails_on_every_rank():
-    """3 ranks cannot split a hidden size of 128: every rank raises the same
-    error naming the dimension, before anything changed, and the launch
-    ends (no rank left in a collective); an unknown mode likewise."""
+    """3 ranks cannot split a hidden size of 128 (nor 8 experts), 4 ranks
+    cannot cut 64-wide quantization groups into 32 columns: every rank
+    raises the same error naming the dimension, before anything changed,
+    and the launch ends (no rank left in a collective); an unknown mode
+    likewise."""
     results = launch(3, "qwen3_moe", "float32", "tensor", "tensor")
     assert all("hidden size 128" in r["error"] and "group size 3" in r["error"] for r in results), results
     results = launch(3, "qwen3_moe", "q4", "expert", "replicate")
@@ -133,6 +135,10 @@ def test_bad_setup_fails_on_every_rank():
     assert all("cannot split 2 decoder layers into 3" in r["error"] for r in results), results
     results = launch(2, "qwen2_moe", "float32", "tensor-twice", "replicate")
     assert all("already sharded" in r["error"] for r in results), results
+    # 4 ranks of a 128-wide expert hidden size quantized in groups of 64:
+    # 32 columns per rank is not a whole group.
+    results = launch(4, "qwen3_moe", "q4g64", "tensor", "replicate")
+    assert all("quantization group size 64" in r["error"] for r in results), results
 
 
 @pytest.mark.parametrize(

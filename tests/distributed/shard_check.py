@@ -4,7 +4,8 @@ with ``model.shard(...)``, and compares. Prints one ``RESULT {json}`` line
 per rank; ``tests/test_sharding.py`` launches it and checks the lines.
 
 Usage: shard_check.py ARCH FORMAT EXPERTS ATTENTION
-  ARCH: qwen2_moe | qwen3_moe | qwen3_vl_moe; FORMAT: float32 | bfloat16 | q4;
+  ARCH: qwen2_moe | qwen3_moe | qwen3_vl_moe; FORMAT: float32 | bfloat16 | q4
+  (group size 32) | q4g64;
   EXPERTS: a ``shard`` mode, or "pipeline" for ``model.pipeline`` (then
   ATTENTION is ignored)
 """
@@ -53,7 +54,7 @@ CONFIGS["qwen3_vl_moe"] = dict(
     vision_config=dict(model_type="qwen3_vl_moe", depth=1, hidden_size=16, out_hidden_size=32),
 )
 TOKENS = mx.array([[3, 17, 9, 41, 5, 22, 8, 60]], dtype=mx.int32)
-TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "q4": 1e-4}
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "q4": 1e-4, "q4g64": 1e-4}
 
 
 def make_model(arch: str, fmt: str):
@@ -62,8 +63,8 @@ def make_model(arch: str, fmt: str):
     model = build_model(config)
     if fmt == "bfloat16":
         model.set_dtype(mx.bfloat16)
-    if fmt == "q4":
-        quantize_model(model, config, group_size=32, bits=4)
+    if fmt in ("q4", "q4g64"):
+        quantize_model(model, config, group_size=32 if fmt == "q4" else 64, bits=4)
     mx.eval(model.parameters())
     return model
 
