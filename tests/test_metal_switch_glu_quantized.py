@@ -249,3 +249,78 @@ def test_missing_hidden_barrier_is_caught(sim):
     hidden, _ = case.run_gate_up(sim(4, race_check=False))
     with pytest.raises(MetalSimError, match="data race"):
         case.run_down(sim(4, race_check=True, SWITCH_GLU_Q_FAULT_NO_H_BARRIER=1), hidden, True)
+
+
+# ------------------------------------------------------ expert parallelism
+class LocalExpertsCase(Case):
+    """Expert parallelism (``switch_glu(first_expert=)``): the weights hold
+    this rank's E experts only, and the routing sends other ranks' slots to
+    an extra bucket E (offsets [E + 2]) that no kernel may visit (the
+    bounds checker catches a read past the E experts' weights; a hidden row
+    written for such a slot would not stay NaN)."""
+
+    def __init__(self, global_indices, first, D, H, E, dtype, seed):
+        local = np.asarray(global_indices, np.int64) - first
+        local = np.where((local >= 0) & (local < E), local, E)
+        super().__init__(local, D, H, E + 1, dtype, 4, 64, "affine", seed)
+        self.E = E
+        self.gate, self.up, self.down = (tuple(np.ascontiguousarray(part[:E]) for part in w)
+                                         for w in (self.gate, self.up, self.down))
+        self.kept = int(self.offsets[E])
+        bound = _ext._switch_glu_row_bound(self.T, self.k)
+        self.plans = {
+            s: _ext._plan_switch_glu_quantized(self.T, self.k, bound, D, H, E, 64, 4, "affine", MX_DTYPE[dtype], s)
+            for s in (True, False)
+        }
+
+    def check_all(self, lib, **launch):
+        hidden, res = self.run_gate_up(lib, **launch)
+        assert res.diagnostics == [], res.diagnostics
+        kept = self.kept
+        view = Case.__new__(Case)
+        view.__dict__.update(self.__dict__)
+        view.order, view.expert_of_row = self.order[:kept], self.expert_of_row[:kept]
+        h_exact, h_bound = Case.hidden_oracle(view)
+        h_got = from_device(hidden, self.dtype)
+        check(h_got[:kept], h_exact, h_bound, "hidden (this rank's slots)")
+        assert np.all(np.isnan(h_got[kept:])), "a hidden row was computed for another rank's slot"
+        e = self.expert_of_row[:kept]
+        y = np.einsum("rh,rdh->rd", h_got[:kept], self.down[3][e])
+        y_err = 4 * self.H * UNIT * np.einsum("rh,rdh->rd", np.abs(h_got[:kept]), self.down[4][e]) + 2.0**-40
+        by_slot = np.zeros((self.T * self.k, self.D))
+        err_slot = np.zeros_like(by_slot)
+        by_slot[self.order[:kept]] = y
+        err_slot[self.order[:kept]] = y_err
+        here = np.zeros(self.T * self.k, bool)
+        here[self.order[:kept]] = True
+        ulp = 2.0 ** -MANTISSA_BITS[self.dtype]
+        for scores in (True, False):
+            got, res = self.run_down(lib, hidden, scores, **launch)
+            assert res.diagnostics == [], res.diagnostics
+            if scores:
+                s = self.scores.reshape(self.T, self.k, 1).astype(np.float64)
+                out = (s * by_slot.reshape(self.T, self.k, -1)).sum(axis=1)
+                err = (np.abs(s) * err_slot.reshape(self.T, self.k, -1)).sum(axis=1)
+                err += self.k * UNIT * np.abs(s * by_slot.reshape(self.T, self.k, -1)).sum(axis=1)
+                # Every token's row written: zero where none of its slots is here.
+                check(got, out, ulp * (np.abs(out) + err) + err + 2.0**-24, "out (scores=True)")
+            else:
+                bound = ulp * (np.abs(by_slot) + err_slot) + err_slot + 2.0**-24
+                check(got[here], by_slot[here], bound[here], "out (scores=False, this rank's slots)")
+
+
+# (global indices [T, k], first expert, D, H, local E)
+LOCAL_SHAPES = {
+    # one token top-8 of 16, this rank holds 8..15 (the 8-row tile)
+    "t1_k8_half": ([[9, 2, 14, 0, 5, 11, 7, 3]], 8, 128, 128, 8),
+    # 3 tokens over 8 experts, this rank holds 4..7; token 2 has none of them
+    "t3_k2_half": ([[1, 5], [6, 4], [0, 3]], 4, 128, 128, 4),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", list(LOCAL_SHAPES))
+def test_expert_parallel_routing_skips_other_ranks(sim, shape, dtype):
+    indices, first, D, H, E = LOCAL_SHAPES[shape]
+    case = LocalExpertsCase(indices, first, D, H, E, dtype, seed=zlib.crc32(f"local-{shape}-{dtype}".encode()))
+    case.check_all(sim(4, race_check=True), schedule="random", seed=3, preempt=0.2)
