@@ -78,16 +78,7 @@ mx::array quantized_linear(
   if (!has_kernels_for(stream)) {
     return mx::quantized_matmul(x, w, scales, biases, true, f.group_size, f.bits, f.mode, stream);
   }
-  auto out_type = x.dtype();
-  if (f.mode == "affine") {
-    out_type = mx::promote_types(out_type, mx::promote_types(scales.dtype(), biases->dtype()));
-  }
-  if (out_type != mx::float32 && out_type != mx::float16 && out_type != mx::bfloat16) {
-    std::ostringstream m;
-    m << "[quantized_linear] Supports float32, float16 and bfloat16 activations but x (" << x.dtype()
-      << ") and the scales promote to " << out_type << ".";
-    throw std::invalid_argument(m.str());
-  }
+  const auto out_type = quantized_compute_type(x, scales, biases, f, "quantized_linear");
   std::vector<mx::array> inputs{mx::astype(x, out_type, stream), row_contiguous(w, stream)};
   if (f.mode == "affine") {
     inputs.push_back(row_contiguous(mx::astype(scales, out_type, stream), stream));

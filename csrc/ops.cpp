@@ -416,6 +416,25 @@ QuantizationFormat quantization_format(
   return f;
 }
 
+mx::Dtype quantized_compute_type(
+    const mx::array& x,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    const QuantizationFormat& format,
+    const char* op) {
+  auto type = x.dtype();
+  if (format.mode == "affine") {
+    type = mx::promote_types(type, mx::promote_types(scales.dtype(), biases->dtype()));
+  }
+  if (type != mx::float32 && type != mx::float16 && type != mx::bfloat16) {
+    std::ostringstream m;
+    m << "[" << op << "] Supports float32, float16 and bfloat16 activations but x (" << x.dtype()
+      << ") and the scales promote to " << type << ".";
+    throw std::invalid_argument(m.str());
+  }
+  return type;
+}
+
 void check_quantized_weight(
     const mx::array& w,
     const mx::array& scales,
@@ -512,16 +531,7 @@ mx::array gather_qmm(
         std::to_string(K) + " input features of w " + shape_text(w.shape()) +
         (transpose ? " (transpose=True: w is [..., N, K])" : " (transpose=False: w is [..., K, N])") + ".");
   }
-  auto out_type = x.dtype();
-  if (f.mode == "affine") {
-    out_type = mx::promote_types(out_type, mx::promote_types(scales.dtype(), biases->dtype()));
-  }
-  if (out_type != mx::float32 && out_type != mx::float16 && out_type != mx::bfloat16) {
-    std::ostringstream m;
-    m << "Supports float32, float16 and bfloat16 activations but x (" << x.dtype()
-      << ") and the scales promote to " << out_type << ".";
-    quantized_error(m.str());
-  }
+  const auto out_type = quantized_compute_type(x, scales, biases, f, "gather_qmm");
   x = mx::astype(x, out_type, stream);
   w = row_contiguous(w, stream);
   if (f.mode == "affine") {

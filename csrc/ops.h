@@ -177,6 +177,16 @@ void check_quantized_weight(
     const char* op,
     const std::string& name);
 
+// The compute dtype of a quantized product: x's dtype promoted with the
+// scales' and biases' (affine), as mx.quantized_matmul's output; throws
+// invalid_argument naming `op` unless it is float32, float16 or bfloat16.
+mx::Dtype quantized_compute_type(
+    const mx::array& x,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    const QuantizationFormat& format,
+    const char* op);
+
 // A shape as error messages print it, e.g. "(2, 3)".
 std::string shape_text(const mx::Shape& shape);
 

@@ -432,21 +432,11 @@ std::vector<mx::array> SoftmaxTopK::vjp(
   const mx::array indices = mx::stop_gradient(outputs[0], s);
   const bool normalize = normalize_;
   auto composition = [&](const std::vector<mx::array>& in) {
-    auto probs = mx::softmax(in[0], std::vector<int>{-1}, true, s);
-    auto scores = mx::take_along_axis(probs, indices, -1, s);
-    if (normalize) {
-      scores = mx::divide(scores, mx::sum(scores, -1, true, s), s);
-    }
-    return std::vector<mx::array>{scores};
+    auto scores = mx::take_along_axis(mx::softmax(in[0], std::vector<int>{-1}, true, s), indices, -1, s);
+    return normalize ? mx::divide(scores, mx::sum(scores, -1, true, s), s) : scores;
   };
-  // cotangents: one per output; the indices' (if given) carries nothing.
-  const mx::array& d_scores = cotangents.size() == 2 ? cotangents[1] : cotangents[0];
-  auto grads = mx::vjp(composition, primals, {d_scores}).second;
-  std::vector<mx::array> out;
-  for (int arg : argnums) {
-    out.push_back(grads[arg]);
-  }
-  return out;
+  // One cotangent per output; the indices' carries nothing.
+  return composition_vjp(composition, primals, {cotangents.back()}, argnums);
 }
 
 } // namespace mlx_moe

@@ -137,7 +137,7 @@ class DispatchTable:
             return "ours"
         key = _key(device, op, kind, rows)
         if key not in self.decisions:
-            ours_ms, stock_ms = _time(ours), _time(stock)
+            ours_ms, stock_ms = median_call_ms(ours), median_call_ms(stock)
             self.decisions[key] = {
                 "choice": "ours" if ours_ms <= stock_ms else "stock", "ours_ms": ours_ms, "stock_ms": stock_ms,
             }
@@ -145,10 +145,12 @@ class DispatchTable:
         return str(self.decisions[key]["choice"])
 
 
-def _time(fn: Callable[[], mx.array]) -> float:
+def median_call_ms(fn: Callable[[], mx.array], repeats: int = TIMED_CALLS) -> float:
+    """Median milliseconds of ``repeats`` evaluated calls of ``fn`` after
+    one untimed call."""
     mx.eval(fn())
     samples = []
-    for _ in range(TIMED_CALLS):
+    for _ in range(repeats):
         start = time.perf_counter()
         mx.eval(fn())
         samples.append(time.perf_counter() - start)

@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -34,6 +32,7 @@ import numpy as np
 
 import mlx_moe_kernels as mk
 from mlx_moe_kernels import _ext, reference
+from mlx_moe_kernels.dispatch import median_call_ms
 
 # Largest |ours - oracle| relative to max(1, max |oracle|) that passes.
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
@@ -324,16 +323,6 @@ def run_checks(seed: int = 0) -> List[Check]:
 
 
 # --------------------------------------------------------------- timings
-def _median_ms(fn: Callable[[], mx.array], repeats: int) -> float:
-    mx.eval(fn())
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(fn())
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
-
-
 def run_timings(classes: Dict[str, int] = SHAPE_CLASSES, repeats: int = 3, seed: int = 0) -> List[Timing]:
     """switch_glu, ours vs the stock composition, bfloat16 and 4-bit, per
     device and shape class. MLX's CPU gather ops take seconds per call: on
@@ -350,8 +339,8 @@ def run_timings(classes: Dict[str, int] = SHAPE_CLASSES, repeats: int = 3, seed:
             ids = mx.array(np.stack([rng.permutation(E)[:k] for _ in range(tokens)]).astype(np.uint32))
             scores = mx.softmax(_rand(rng, (tokens, k), mx.float32), axis=-1).astype(mx.bfloat16)
             fmt = dict(group_size=64, bits=4, stream=device)
-            ours = _median_ms(lambda: mk.switch_glu(x, *weights, ids, scores, stream=device), repeats)
-            ours_q = _median_ms(lambda: mk.switch_glu(x, *triples, ids, scores, **fmt), repeats)
+            ours = median_call_ms(lambda: mk.switch_glu(x, *weights, ids, scores, stream=device), repeats)
+            ours_q = median_call_ms(lambda: mk.switch_glu(x, *triples, ids, scores, **fmt), repeats)
             if device_name == "cpu" and tokens > 1:
                 # MLX's CPU gather_mm / gather_qmm take 0.6 s / 5 s per call
                 # at one token already (measured here): not worth minutes.
@@ -359,8 +348,8 @@ def run_timings(classes: Dict[str, int] = SHAPE_CLASSES, repeats: int = 3, seed:
                 timings.append(Timing("switch_glu bf16", device_name, shape_class, tokens, ours, None, note))
                 timings.append(Timing("switch_glu 4-bit", device_name, shape_class, tokens, ours_q, None, note))
                 continue
-            stock = _median_ms(lambda: reference.switch_glu(x, *weights, ids, scores, stream=device), 1)
-            stock_q = _median_ms(lambda: reference.switch_glu(x, *triples, ids, scores, **fmt), 1)
+            stock = median_call_ms(lambda: reference.switch_glu(x, *weights, ids, scores, stream=device), 1)
+            stock_q = median_call_ms(lambda: reference.switch_glu(x, *triples, ids, scores, **fmt), 1)
             timings.append(Timing("switch_glu bf16", device_name, shape_class, tokens, ours, stock))
             timings.append(Timing("switch_glu 4-bit", device_name, shape_class, tokens, ours_q, stock_q))
     return timings
