@@ -120,6 +120,8 @@ def test_k_larger_than_the_range_and_foreign_ids():
 
 def test_errors():
     x, weights, ids, scores = problem(mx.float32)
+    with pytest.raises(ValueError, match=r"\[switch_glu\] gradients are not defined with first_expert"):
+        mx.grad(lambda x: call(x, local(weights, 0, 4, False), ids, scores, False, first_expert=0).sum())(x)
     with pytest.raises(ValueError, match=r"\[switch_glu\] first_expert must be >= 0"):
         call(x, weights, ids, scores, False, first_expert=-1)
     with pytest.raises(ValueError, match=r"\[switch_glu\] indices must be integers"):

@@ -446,11 +446,28 @@ def switch_glu(
                     f"[switch_glu] {name} must be a (weight, scales, biases) triple, got {len(triple)} items."
                 )
             parts.extend(triple)
-        return _ext.switch_glu_quantized(
+        out = _ext.switch_glu_quantized(
             x, *parts, indices, scores, group_size, bits, mode, first_expert=first_expert, stream=stream
         )
-    return _ext.switch_glu(
-        x, gate_weight, up_weight, down_weight, indices, scores, first_expert=first_expert, stream=stream
+    else:
+        out = _ext.switch_glu(
+            x, gate_weight, up_weight, down_weight, indices, scores, first_expert=first_expert, stream=stream
+        )
+    return out if first_expert is None else _inference_only(out)
+
+
+@mx.custom_function
+def _inference_only(out: mx.array) -> mx.array:
+    """``out`` itself; asking for its gradient raises (the expert-parallel
+    routing's extra bucket has no backward pass)."""
+    return out
+
+
+@_inference_only.vjp
+def _inference_only_vjp(primals, cotangent, output):
+    raise ValueError(
+        "[switch_glu] gradients are not defined with first_expert (expert-parallel sharding is for "
+        "inference); run the unsharded model to train"
     )
 
 
