@@ -111,3 +111,12 @@ def test_switch_glu_layer_obeys_the_choice(cache, monkeypatch, quantized):
         want = reference.switch_glu(x, layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight, ids, scores)
     np.testing.assert_array_equal(np.array(stock), np.array(want))
     np.testing.assert_allclose(np.array(ours), np.array(want), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_and_forced_choices_never_load_the_table(monkeypatch):
+    monkeypatch.setattr(dispatch, "_TABLE", None)
+    monkeypatch.setattr(dispatch, "DispatchTable", lambda *a: pytest.fail("table loaded"))
+    monkeypatch.delenv(dispatch.ENV_MODE, raising=False)
+    assert dispatch.choose("switch_glu", "bfloat16", 1, mx.cpu, never, never) == "ours"
+    monkeypatch.setenv(dispatch.ENV_MODE, "stock")
+    assert dispatch.choose("switch_glu", "bfloat16", 1, mx.Device(mx.gpu), never, never) == "stock"

@@ -166,3 +166,15 @@ def table() -> DispatchTable:
     if _TABLE is None:
         _TABLE = DispatchTable()
     return _TABLE
+
+
+def choose(op: str, kind: str, rows: int, device, ours: Callable[[], mx.array], stock: Callable[[], mx.array]) -> str:
+    """:meth:`DispatchTable.choose` on the process's table, which is only
+    loaded when a decision needs it (a forced mode or the CPU never reads
+    the cache folder)."""
+    forced = mode()
+    if forced != "auto":
+        return forced
+    if _is_cpu(device):
+        return "ours"
+    return table().choose(op, kind, rows, device, ours, stock)

@@ -374,7 +374,7 @@ class SwitchGLU(nn.Module):
                 return self._stock(x, indices, scores, quantization)
             # Ours, unless the dispatch table says the composition is faster
             # for this shape class on this machine (see dispatch.py).
-            choice = dispatch.table().choose(
+            choice = dispatch.choose(
                 "switch_glu", self._dispatch_kind(x, quantization), x.size // max(x.shape[-1], 1),
                 device, lambda: self._fused(x, indices, scores, quantization),
                 lambda: self._stock(x, indices, scores, quantization),
