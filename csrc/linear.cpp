@@ -79,13 +79,9 @@ mx::array quantized_linear(
     return mx::quantized_matmul(x, w, scales, biases, true, f.group_size, f.bits, f.mode, stream);
   }
   const auto out_type = quantized_compute_type(x, scales, biases, f, "quantized_linear");
-  std::vector<mx::array> inputs{mx::astype(x, out_type, stream), row_contiguous(w, stream)};
-  if (f.mode == "affine") {
-    inputs.push_back(row_contiguous(mx::astype(scales, out_type, stream), stream));
-    inputs.push_back(row_contiguous(mx::astype(*biases, out_type, stream), stream));
-  } else {
-    inputs.push_back(row_contiguous(scales, stream));
-  }
+  std::vector<mx::array> inputs{mx::astype(x, out_type, stream)};
+  auto weight = quantized_kernel_inputs(w, scales, biases, f, out_type, stream);
+  inputs.insert(inputs.end(), weight.begin(), weight.end());
   auto shape = x.shape();
   shape.back() = w.shape(0);
   return mx::array(

@@ -435,6 +435,23 @@ mx::Dtype quantized_compute_type(
   return type;
 }
 
+std::vector<mx::array> quantized_kernel_inputs(
+    const mx::array& w,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    const QuantizationFormat& format,
+    mx::Dtype type,
+    const mx::Stream& stream) {
+  std::vector<mx::array> in{row_contiguous(w, stream)};
+  if (format.mode == "affine") {
+    in.push_back(row_contiguous(mx::astype(scales, type, stream), stream));
+    in.push_back(row_contiguous(mx::astype(*biases, type, stream), stream));
+  } else {
+    in.push_back(row_contiguous(scales, stream));
+  }
+  return in;
+}
+
 void check_quantized_weight(
     const mx::array& w,
     const mx::array& scales,
@@ -533,13 +550,8 @@ mx::array gather_qmm(
   }
   const auto out_type = quantized_compute_type(x, scales, biases, f, "gather_qmm");
   x = mx::astype(x, out_type, stream);
-  w = row_contiguous(w, stream);
-  if (f.mode == "affine") {
-    scales = row_contiguous(mx::astype(scales, out_type, stream), stream);
-    biases = row_contiguous(mx::astype(*biases, out_type, stream), stream);
-  } else {
-    scales = row_contiguous(scales, stream);
-  }
+  std::vector<mx::array> weight = quantized_kernel_inputs(w, scales, biases, f, out_type, stream);
+  w = weight[0];
 
   mx::array lhs = indices_or_default(lhs_indices_in, x, "lhs_indices", stream, "gather_qmm");
   mx::array rhs = indices_or_default(rhs_indices_in, w, "rhs_indices", stream, "gather_qmm");
@@ -554,10 +566,8 @@ mx::array gather_qmm(
   auto out_shape = lhs.shape();
   out_shape.push_back(x.shape(-2));
   out_shape.push_back(N);
-  std::vector<mx::array> inputs{std::move(x), std::move(w), std::move(scales)};
-  if (biases) {
-    inputs.push_back(std::move(*biases));
-  }
+  std::vector<mx::array> inputs{std::move(x)};
+  inputs.insert(inputs.end(), weight.begin(), weight.end());
   inputs.push_back(std::move(lhs));
   inputs.push_back(std::move(rhs));
   return mx::array(
@@ -971,14 +981,7 @@ mx::array switch_glu_quantized(
   // Each weight's inputs: codes, scales (and biases), row contiguous, the
   // scales and biases in the compute dtype (affine).
   auto weight_inputs = [&](const QuantizedWeight& w) {
-    std::vector<mx::array> in{row_contiguous(w.weight, stream)};
-    if (f.mode == "affine") {
-      in.push_back(row_contiguous(mx::astype(w.scales, dtype, stream), stream));
-      in.push_back(row_contiguous(mx::astype(*w.biases, dtype, stream), stream));
-    } else {
-      in.push_back(row_contiguous(w.scales, stream));
-    }
-    return in;
+    return quantized_kernel_inputs(w.weight, w.scales, w.biases, f, dtype, stream);
   };
   auto finish = [&](mx::array out) {
     mx::Shape shape = lead;

@@ -187,6 +187,17 @@ mx::Dtype quantized_compute_type(
     const QuantizationFormat& format,
     const char* op);
 
+// One quantized weight as the kernels read it: the codes, then the scales
+// (and, affine mode, the biases) in the compute dtype `type`, each row
+// contiguous (see row_contiguous).
+std::vector<mx::array> quantized_kernel_inputs(
+    const mx::array& w,
+    const mx::array& scales,
+    const std::optional<mx::array>& biases,
+    const QuantizationFormat& format,
+    mx::Dtype type,
+    const mx::Stream& stream);
+
 // A shape as error messages print it, e.g. "(2, 3)".
 std::string shape_text(const mx::Shape& shape);
 

@@ -121,7 +121,6 @@ void Linear::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
       return;
     }
     RowPairs pairs(x);
-    const int64_t zero_offset = 0;
     cpu::GatherMMProblem problem;
     problem.rows_per_pair = pairs.rows_per_pair;
     problem.N = weight.shape(0);
@@ -135,7 +134,7 @@ void Linear::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     problem.b = weight.data<void>();
     problem.b_k_stride = weight.strides()[1];
     problem.b_n_stride = weight.strides()[0];
-    std::vector<int64_t> b_offsets(pairs.num_pairs(), zero_offset);
+    std::vector<int64_t> b_offsets(pairs.num_pairs(), 0); // every pair on the one matrix
     problem.b_offsets = b_offsets.data();
     problem.out = out.data<void>();
     problem.pair_order = pairs.order.data();

@@ -60,7 +60,7 @@ def shape_class(rows: int) -> str:
     return "decode" if rows <= 8 else "small" if rows <= 64 else "large"
 
 
-def _is_cpu(device) -> bool:
+def is_cpu(device) -> bool:
     """Whether ``device`` (an ``mx.Device`` or ``mx.cpu`` / ``mx.gpu``) is
     the CPU."""
     kind = device if isinstance(device, mx.DeviceType) else device.type
@@ -70,7 +70,7 @@ def _is_cpu(device) -> bool:
 def device_name(device: mx.Device) -> str:
     """A stable name of the device an op runs on (the GPU's model on a
     Mac; the CPU's architecture elsewhere)."""
-    if _is_cpu(device):
+    if is_cpu(device):
         import platform
 
         return f"cpu-{platform.machine()}"
@@ -133,7 +133,7 @@ class DispatchTable:
         forced = mode()
         if forced != "auto":
             return forced
-        if _is_cpu(device):
+        if is_cpu(device):
             return "ours"
         key = _key(device, op, kind, rows)
         if key not in self.decisions:
@@ -175,6 +175,6 @@ def choose(op: str, kind: str, rows: int, device, ours: Callable[[], mx.array], 
     forced = mode()
     if forced != "auto":
         return forced
-    if _is_cpu(device):
+    if is_cpu(device):
         return "ours"
     return table().choose(op, kind, rows, device, ours, stock)

@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Tuple
 import mlx.core as mx
 import numpy as np
 
+from mlx_moe_kernels.dispatch import device_name, is_cpu
+
 FAMILIES: Dict[str, List[str]] = {
     # family -> the selftest cases that exercise it
     "switch_glu": ["switch_glu", "switch_glu (4-bit)"],
@@ -31,17 +33,6 @@ FAMILIES: Dict[str, List[str]] = {
 TOLERANCE = 1e-4  # float32 cases
 
 _results: Dict[Tuple[str, str], bool] = {}
-
-
-def _device_key(device) -> str:
-    from mlx_moe_kernels.dispatch import device_name
-
-    return device_name(device)
-
-
-def _is_cpu(device) -> bool:
-    kind = device if isinstance(device, mx.DeviceType) else device.type
-    return kind == mx.cpu
 
 
 def run_family_check(family: str, device) -> Tuple[bool, str]:
@@ -65,9 +56,9 @@ def kernel_family_ok(family: str, device) -> bool:
     """Whether our kernels of ``family`` may run on ``device``: always on the
     CPU; on a GPU, the result of the first-use check (run once per process
     and device, with one warning when it fails)."""
-    if _is_cpu(device):
+    if is_cpu(device):
         return True
-    key = (family, _device_key(device))
+    key = (family, device_name(device))
     if key not in _results:
         ok, cause = run_family_check(family, device)
         if not ok:
